@@ -1,0 +1,172 @@
+"""Batched cost functions C: (B, N) parameter vectors -> (B,) costs (paper §3.4, §5.0).
+
+Parameter vectors are flat, in ``parameters_to_vector(model.parameters())`` order. Model
+costs evaluate several parameter vectors per forward pass with ``torch.func.functional_call``
+under ``torch.func.vmap`` (falling back to one vector at a time for models that vmap cannot
+trace), and split large evaluation sets into data batches so memory stays bounded.
+Costs are plain differentiable functions, so ``torch.func`` can take their Hessian.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+__all__ = ["ExpectedKL", "CrossEntropyCost", "QuadraticCost"]
+
+
+class QuadraticCost:
+    """C(θ) = ½ (θ − center)ᵀ A (θ − center): a toy cost with closed-form neighbourhoods.
+
+    The region C < c is the ellipsoid of volume V_N (2c)^(N/2) det(A)^(−1/2).
+
+    Args:
+        matrix: (N, N) symmetric positive (semi)definite tensor A. center: (N,) tensor.
+    """
+
+    def __init__(self, matrix: torch.Tensor, center: torch.Tensor):
+        if matrix.ndim != 2 or matrix.shape != (center.numel(), center.numel()):
+            raise ValueError(f"matrix must be ({center.numel()}, {center.numel()}), got {tuple(matrix.shape)}")
+        self.matrix, self.center = matrix, center
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        x = theta - self.center  # (B, N)
+        return 0.5 * ((x @ self.matrix) * x).sum(-1)
+
+
+class _ModelCost:
+    """Shared machinery: unflatten (B, N) vectors into parameter dicts, vmap, data batches."""
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, batch_size: int | None, mask=None):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        named = list(model.named_parameters())
+        if not named:
+            raise ValueError("model has no parameters")
+        for name, p in named:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                raise ValueError(
+                    f"parameter {name} is {p.dtype}: costs are evaluated in float32 or better, "
+                    "never in half precision (REPLICATION.md §7.3); call model.float() first"
+                )
+        if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        if mask is not None and mask.shape != inputs.shape[: mask.ndim]:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match inputs {tuple(inputs.shape)}")
+        model.eval()  # dropout / drop-path off: the cost must be deterministic
+        self.model = model
+        self.names = [name for name, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.n_params = sum(self.sizes)
+        device = named[0][1].device
+        self.inputs = inputs.to(device)
+        self.mask = None if mask is None else mask.to(device)
+        self.batch_size = len(inputs) if batch_size is None else int(batch_size)
+        self._vmap_ok = True
+
+    def _unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, N) -> {name: (B, *shape)}."""
+        chunks = torch.split(theta, self.sizes, dim=-1)
+        return {n: c.reshape(theta.shape[:-1] + s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+    def _logits(self, params: dict, x: torch.Tensor, mask) -> torch.Tensor:
+        kwargs = {} if mask is None else {"attention_mask": mask}
+        out = functional_call(self.model, params, (x,), kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+    def _item_losses(self, logits, sl: slice):  # (..., C) -> (...)
+        raise NotImplementedError
+
+    def _batched_logits(self, theta, x, mask):
+        """Logits for each row of theta: (B, n_items, ..., C)."""
+        params = self._unflatten(theta)
+        if self._vmap_ok:
+            try:
+                return vmap(self._logits, in_dims=(0, None, None))(params, x, mask)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:  # some models cannot be traced by vmap
+                warnings.warn(f"vmap over directions failed ({err!r}); evaluating one direction at a time")
+                self._vmap_ok = False
+        return torch.stack([self._logits({k: v[b] for k, v in params.items()}, x, mask) for b in range(len(theta))])
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        """Costs of a (B, N) batch of flat parameter vectors: (B,) tensor in float32 or float64."""
+        if theta.ndim != 2 or theta.shape[1] != self.n_params:
+            raise ValueError(f"theta must have shape (B, {self.n_params}), got {tuple(theta.shape)}")
+        total = theta.new_zeros(theta.shape[0], dtype=torch.float64)
+        weight = 0.0
+        for start in range(0, len(self.inputs), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            mask = None if self.mask is None else self.mask[sl]
+            logits = self._batched_logits(theta, self.inputs[sl], mask)
+            losses = self._item_losses(logits, sl)  # (B, items...)
+            if mask is None:
+                total = total + losses.flatten(1).double().sum(1)
+                weight += losses[0].numel()
+            else:
+                m = mask.to(losses.dtype)
+                total = total + (losses * m).flatten(1).double().sum(1)
+                weight += float(m.sum())
+        if weight == 0:
+            raise ValueError("the evaluation set has no items (all tokens masked?)")
+        return total / weight
+
+
+class ExpectedKL(_ModelCost):
+    """Mean over data points of KL(p_anchor(·|x) ‖ p_θ(·|x)), paper §3.4 (nats).
+
+    The anchor is the model's parameters at construction; its log-probabilities are computed
+    once. For language models (logits (n, T, V)) the mean is over non-padding positions
+    (``attention_mask`` 1), the same global token mean as the paper's code.
+
+    Args:
+        model: nn.Module returning logits (…, C) or an output with ``.logits``; float32/64
+            parameters (half precision raises ValueError). Put in eval mode.
+        inputs: (n, …) tensor of inputs (images, token ids).
+        batch_size: data items per forward pass (None: all at once).
+        attention_mask: optional (n, T) tensor of 0/1 (1 = real token).
+
+    Calling it with a (B, N) tensor returns (B,) float64 costs, 0 at the anchor up to
+    rounding. Memory per call ≈ B × batch_size × (activations + logits).
+    """
+
+    def __init__(self, model, inputs, *, batch_size=None, attention_mask=None):
+        super().__init__(model, inputs, batch_size, attention_mask)
+        anchor = {n: p.detach() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            parts = []
+            for start in range(0, len(self.inputs), self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                mask = None if self.mask is None else self.mask[sl]
+                parts.append(torch.log_softmax(self._logits(anchor, self.inputs[sl], mask).float(), -1))
+        self.anchor_log_probs = torch.cat(parts)  # (n, ..., C)
+
+    def _item_losses(self, logits, sl):
+        log_p0 = self.anchor_log_probs[sl]  # (items, ..., C)
+        log_q = torch.log_softmax(logits.to(log_p0.dtype), -1)  # (B, items, ..., C)
+        return (log_p0.exp() * (log_p0 - log_q)).sum(-1)
+
+
+class CrossEntropyCost(_ModelCost):
+    """Mean cross-entropy −log p_θ(y|x) over labelled data (nats): a loss-based cost.
+
+    Args:
+        model: as for :class:`ExpectedKL`. inputs: (n, …) tensor. targets: (n,) int64 labels
+        (or (n, T) token targets with ``attention_mask``). batch_size: data items per pass.
+    """
+
+    def __init__(self, model, inputs, targets, *, batch_size=None, attention_mask=None):
+        super().__init__(model, inputs, batch_size, attention_mask)
+        if targets.shape != inputs.shape[: targets.ndim] or targets.shape[0] != len(inputs):
+            raise ValueError(f"targets shape {tuple(targets.shape)} does not match inputs {tuple(inputs.shape)}")
+        self.targets = targets.to(self.inputs.device)
+
+    def _item_losses(self, logits, sl):
+        log_q = torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, -1)
+        y = self.targets[sl].expand(log_q.shape[:-1])
+        return -log_q.gather(-1, y.unsqueeze(-1)).squeeze(-1)

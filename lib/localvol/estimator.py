@@ -1,0 +1,326 @@
+"""The local-volume estimator: paper §3, eq. 10 (naive), 15 (preconditioned), 19 (Gaussian).
+
+    log vol ≈ logsumexp_i(log w_i) − log k,
+    log w_i = log|S^(N−1)| + log ∫_0^{r(v̂_i)} ρ(θ0 + t v̂_i) t^(N−1) dt − N log|v_i|   (eq. 19)
+
+with u_i uniform on the unit sphere, v_i = P u_i, and r(v̂_i) the radius at which the cost
+crosses the cutoff (:func:`localvol.radius.find_radius`). For the Lebesgue measure the ray
+integral is r^N / N (eq. 15). The estimate is unbiased for the mass; its log is a
+high-probability lower bound (Markov, eq. 14).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+from tqdm.auto import tqdm
+
+from .priors import GaussianPrior, LebesguePrior
+from .radius import _check_search_args, evaluate_anchor_cost, find_radius
+
+__all__ = ["VolumeEstimate", "estimate_log_volume", "sample_directions"]
+
+LN10 = math.log(10.0)
+
+
+@dataclass
+class VolumeEstimate:
+    """Result of :func:`estimate_log_volume`. Logs are natural (nats) unless named log10.
+
+    Attributes:
+        log_volume: logsumexp(samples) − log k, nats: the log prior mass (or log volume) of
+            the neighbourhood.
+        samples: (k,) float64 per-sample log terms log w_i, nats (eq. 15 / 19).
+        radii: (k,) float64 Euclidean radii along v̂_i, parameter units (inf: unbounded).
+        cost_at_radius: (k,) float64, C(θ0 + r_i v̂_i) − C(θ0) as evaluated at each radius.
+        direction_norms: (k,) float64 |v_i| = |P u_i| / |u_i| (1 for naive).
+        evaluations: (k,) int64 cost evaluations spent per direction.
+        cost_evaluations: total points at which the cost was evaluated, anchor included.
+        log_prior_at_anchor: −|θ0/σ|²/2 = log ρ(θ0) − log ρ(0), nats (Gaussian prior only,
+            else None): the "prior term" of REPLICATION.md §7.5.
+    """
+
+    log_volume: float
+    samples: np.ndarray
+    radii: np.ndarray
+    cost_at_radius: np.ndarray
+    direction_norms: np.ndarray
+    evaluations: np.ndarray
+    cost_evaluations: int
+    log_prior_at_anchor: float | None
+    n_params: int
+    cutoff: float
+    rtol: float
+    seed: int
+    prior: str
+    preconditioner: str
+    wall_time_s: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.samples.size)
+
+    @property
+    def log10_volume(self) -> float:
+        """log_volume / ln 10 (base-10 log of the probability, as the paper's figures plot)."""
+        return self.log_volume / LN10
+
+    @property
+    def log_neighbourhood(self) -> float | None:
+        """log_volume − log_prior_at_anchor, nats: what the neighbourhood adds to the prior term."""
+        if self.log_prior_at_anchor is None:
+            return None
+        return self.log_volume - self.log_prior_at_anchor
+
+    @property
+    def max_sample_share(self) -> float:
+        """Share of the largest sample in the sum exp(samples): 1 means one sample decides all."""
+        if not np.isfinite(self.log_volume):
+            return float("nan")
+        return float(np.exp(self.samples.max() - logsumexp(self.samples)))
+
+    @property
+    def markov(self) -> str:
+        """The Markov statement of eq. 14 for this k."""
+        k = self.n_samples
+        return (
+            f"P(log_volume − true log volume ≥ log k = {math.log(k):.4g} nats) ≤ 1/k = {1 / k:.3g} "
+            f"(Markov, eq. 14); the largest of the k = {k} samples holds {self.max_sample_share:.3g} of the sum"
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable aggregates (no per-sample arrays)."""
+        lp = self.log_prior_at_anchor
+        return {
+            "log_volume": self.log_volume,
+            "log10_volume": self.log10_volume,
+            "log_prior_at_anchor": lp,
+            "log10_prior_at_anchor": None if lp is None else lp / LN10,
+            "log_neighbourhood": self.log_neighbourhood,
+            "max_sample_log10": float(self.samples.max() / LN10),
+            "median_sample_log10": float(np.median(self.samples) / LN10),
+            "max_sample_share": self.max_sample_share,
+            "markov": self.markov,
+            "n_samples": self.n_samples,
+            "n_params": self.n_params,
+            "cutoff": self.cutoff,
+            "rtol": self.rtol,
+            "seed": self.seed,
+            "prior": self.prior,
+            "preconditioner": self.preconditioner,
+            "cost_evaluations": int(self.cost_evaluations),
+            "median_evaluations_per_sample": float(np.median(self.evaluations)),
+            "wall_time_s": self.wall_time_s,
+            **self.meta,
+        }
+
+
+def sample_directions(n_params: int, indices, *, seed: int, dtype, device) -> torch.Tensor:
+    """Isotropic unit vectors u_i (B, N), one independent stream per sample index.
+
+    Sample i depends only on (seed, i), not on the batch size or on resuming.
+    """
+    out = torch.empty(len(indices), n_params, dtype=dtype, device=device)
+    gen = torch.Generator(device=device)
+    for row, i in enumerate(indices):
+        gen.manual_seed(int(seed) * 1_000_000_007 + int(i))
+        out[row] = torch.randn(n_params, generator=gen, dtype=dtype, device=device)
+    return out / torch.linalg.vector_norm(out, dim=1, keepdim=True)
+
+
+def estimate_log_volume(
+    cost,
+    anchor: torch.Tensor,
+    *,
+    cutoff: float,
+    n_samples: int,
+    prior,
+    preconditioner=None,
+    rtol: float = 1e-2,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    max_radius: float | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+) -> VolumeEstimate:
+    """Estimate the log prior mass of the star domain {θ0 + t v̂ : C < cutoff} (paper §3).
+
+    Args:
+        cost: batched cost, (B, N) -> (B,) (e.g. :class:`localvol.ExpectedKL`). Its value at
+            the anchor is subtracted, so it need not be 0 there; it must not go below it.
+        anchor: (N,) float32/float64 tensor θ0 on any device; all work stays there.
+        cutoff: float > 0, cost units (nats for KL).
+        n_samples: k ≥ 1 Monte Carlo directions.
+        prior: :class:`GaussianPrior` (probability, eq. 19) or :class:`LebesguePrior` (volume).
+        preconditioner: None (naive, eq. 10) or an object with ``apply((B, N)) -> (B, N)``
+            and ``n`` == N, unit determinant (eq. 15-18).
+        rtol: relative tolerance of the cost at the returned radius (see find_radius).
+        batch_size: directions per cost call (None: min(k, 256, 2^26 // N), at least 1).
+        seed: int; direction i depends only on (seed, i).
+        progress: show a tqdm progress bar over samples.
+        max_radius: Euclidean radius beyond which a direction counts as unbounded (None:
+            |θ0| + max σ·(√N + 50) for the Gaussian prior, where the remaining mass is
+            negligible; 1e8 for Lebesgue).
+        checkpoint_path: optional .npz path; finished samples are written there atomically
+            after every batch, and a rerun with the same settings resumes from it.
+
+    Returns:
+        VolumeEstimate (log_volume in nats; +inf for Lebesgue with an unbounded direction,
+        with a warning).
+
+    Raises:
+        ValueError: cutoff ≤ 0 or NaN, n_samples < 1, bad rtol/batch_size/max_radius, anchor
+            not a finite 1-D float32/64 tensor, wrong prior or preconditioner size, a cost
+            not finite at the anchor or below it along a ray, radius-search failures.
+    """
+    t_start = time.perf_counter()
+    cutoff, rtol, _ = _check_search_args(cutoff, rtol, 1.0)
+    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+        raise ValueError(f"n_samples must be an integer ≥ 1, got {n_samples!r}")
+    n_samples = int(n_samples)
+    if not isinstance(anchor, torch.Tensor) or anchor.ndim != 1 or anchor.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"anchor must be a 1-D float32/float64 tensor, got "
+            f"{type(anchor).__name__} {getattr(anchor, 'dtype', '')} {tuple(getattr(anchor, 'shape', ()))}"
+        )
+    if not torch.isfinite(anchor).all():
+        raise ValueError("anchor has non-finite entries")
+    if not isinstance(prior, (GaussianPrior, LebesguePrior)):
+        raise ValueError(f"prior must be GaussianPrior or LebesguePrior, got {prior!r}")
+    n = anchor.numel()
+    if preconditioner is not None and getattr(preconditioner, "n", n) != n:
+        raise ValueError(f"preconditioner is for {preconditioner.n} parameters but the anchor has {n}")
+    if batch_size is None:
+        batch_size = max(1, min(n_samples, 256, 2**26 // n))
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
+    if isinstance(prior, GaussianPrior):
+        prior._inv_var(anchor)  # validates sigma's length
+        sigma_max = prior.sigma if isinstance(prior.sigma, float) else float(prior.sigma.max())
+        default_max = float(torch.linalg.vector_norm(anchor.double())) + sigma_max * (math.sqrt(n) + 50.0)
+    else:
+        default_max = 1e8
+    max_radius = default_max if max_radius is None else max_radius
+    _check_search_args(cutoff, rtol, max_radius)
+
+    fields = ("samples", "radii", "cost_at_radius", "direction_norms", "evaluations", "multipliers")
+    store = {f: np.full(n_samples, np.nan) for f in fields}
+    done = np.zeros(n_samples, bool)
+    fingerprint = _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius)
+    cost_evals = 0
+    if checkpoint_path is not None:
+        cost_evals = _load_checkpoint(checkpoint_path, fingerprint, store, done)
+
+    anchor_cost = evaluate_anchor_cost(cost, anchor)
+    cost_evals += 1
+    todo = np.flatnonzero(~done)
+    first = min(len(todo), 16, batch_size)  # a small pilot batch calibrates the first guesses
+    batches = [todo[:first]] + [todo[s : s + batch_size] for s in range(first, len(todo), batch_size)]
+    bar = tqdm(total=n_samples, initial=int(done.sum()), disable=not progress, desc="local volume", unit="dir")
+    for idx in batches:
+        if len(idx) == 0:
+            continue
+        u = sample_directions(n, idx, seed=seed, dtype=anchor.dtype, device=anchor.device)  # (B, N)
+        log_u_norm = torch.log(torch.linalg.vector_norm(u.double(), dim=1)).cpu().numpy()
+        v = u if preconditioner is None else preconditioner.apply(u)  # (B, N)
+        guess = _initial_radii(store, done, v)
+        res = find_radius(
+            cost, anchor, v, cutoff=cutoff, rtol=rtol, max_radius=max_radius,
+            initial_radius=guess, anchor_cost=anchor_cost, first_index=int(idx[0]),
+        )
+        store["samples"][idx] = prior.log_terms(anchor, v, res.multiplier, log_u_norm)
+        store["radii"][idx] = res.radius
+        store["cost_at_radius"][idx] = res.cost
+        store["direction_norms"][idx] = res.direction_norms / np.exp(log_u_norm)
+        store["evaluations"][idx] = res.evaluations
+        store["multipliers"][idx] = res.multiplier
+        done[idx] = True
+        cost_evals += int(res.evaluations.sum())
+        if checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, fingerprint, store, done, cost_evals)
+        bar.update(len(idx))
+    bar.close()
+
+    samples = store["samples"]
+    if np.isposinf(samples).any():
+        warnings.warn(
+            f"{int(np.isposinf(samples).sum())} of {n_samples} directions stay below the cutoff up to "
+            f"max_radius = {max_radius:g}: the neighbourhood has infinite Lebesgue volume"
+        )
+    return VolumeEstimate(
+        log_volume=float(logsumexp(samples) - math.log(n_samples)),
+        samples=samples,
+        radii=store["radii"],
+        cost_at_radius=store["cost_at_radius"],
+        direction_norms=store["direction_norms"],
+        evaluations=store["evaluations"].astype(np.int64),
+        cost_evaluations=cost_evals,
+        log_prior_at_anchor=prior.log_density_at(anchor),
+        n_params=n,
+        cutoff=cutoff,
+        rtol=rtol,
+        seed=seed,
+        prior=repr(prior),
+        preconditioner=repr(preconditioner) if preconditioner is not None else "naive",
+        wall_time_s=time.perf_counter() - t_start,
+    )
+
+
+def _initial_radii(store, done, v):
+    """Median radius per unit |v| of finished finite samples, times |v_i| (None if none yet)."""
+    m = store["multipliers"][done]
+    m = m[np.isfinite(m)]
+    if m.size == 0:
+        return None
+    return float(np.median(m)) * torch.linalg.vector_norm(v.double(), dim=1).cpu().numpy()
+
+
+def _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius) -> str:
+    h = hashlib.sha256()
+    a = anchor.detach().double()
+    parts = [anchor.numel(), float(a.sum()), float((a * a).sum()), cutoff, rtol, seed, repr(prior), max_radius]
+    if preconditioner is not None:
+        scales = getattr(preconditioner, "scales", None)
+        parts += [repr(preconditioner), None if scales is None else float((scales * torch.arange(
+            scales.numel(), device=scales.device, dtype=scales.dtype)).sum())]
+    if isinstance(prior, GaussianPrior) and not isinstance(prior.sigma, float):
+        parts.append(float(prior.sigma.double().sum()))
+    h.update(repr(parts).encode())
+    return h.hexdigest()
+
+
+def _load_checkpoint(path, fingerprint, store, done) -> int:
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with np.load(path, allow_pickle=False) as f:
+        if str(f["fingerprint"]) != fingerprint:
+            raise ValueError(
+                f"checkpoint {path} was written with different settings (anchor, cutoff, rtol, seed, "
+                "prior or preconditioner); delete it or pass another checkpoint_path"
+            )
+        saved_done = f["done"]
+        k = min(len(saved_done), len(done))
+        keep = saved_done[:k]
+        for name in store:
+            store[name][:k][keep] = f[name][:k][keep]
+        done[:k] = keep
+        return int(f["cost_evaluations"])
+
+
+def _save_checkpoint(path, fingerprint, store, done, cost_evals) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, fingerprint=np.array(fingerprint), done=done, cost_evaluations=np.array(cost_evals), **store)
+    os.replace(tmp, path)
