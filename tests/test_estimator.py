@@ -1,0 +1,235 @@
+"""The estimator on neighbourhoods with closed-form volumes and masses (paper §3, eq. 10-19)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2, ncx2
+
+import localvol as lv
+from localvol.ray_integral import log_unit_ball_volume
+
+
+def _ellipsoid(n=200, cond=1e4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.logspace(0, math.log10(cond), n, dtype=torch.float64) * 0.3
+    a_mat = (q * lam) @ q.T
+    a_mat = 0.5 * (a_mat + a_mat.T)
+    center = torch.randn(n, generator=g, dtype=torch.float64)
+    return a_mat, lam, center
+
+
+def _ellipsoid_log_volume(lam, cutoff):
+    n = lam.numel()
+    return log_unit_ball_volume(n) + n / 2 * math.log(2 * cutoff) - 0.5 * float(torch.log(lam).sum())
+
+
+def test_ellipsoid_exact_with_matrix_preconditioner():
+    a_mat, lam, center = _ellipsoid()
+    cutoff = 0.05
+    truth = _ellipsoid_log_volume(lam, cutoff)
+    est = lv.estimate_log_volume(
+        lv.QuadraticCost(a_mat, center), center, cutoff=cutoff, n_samples=40, prior=lv.LebesguePrior(),
+        preconditioner=lv.MatrixPreconditioner(a_mat, eps=0.0), rtol=1e-8, progress=False,
+    )
+    np.testing.assert_allclose(est.samples, truth, rtol=1e-6)
+    assert est.log_volume == pytest.approx(truth, rel=1e-6)
+
+
+def test_ellipsoid_naive_is_below_truth_plus_log_k():
+    a_mat, lam, center = _ellipsoid()
+    cutoff = 0.05
+    truth = _ellipsoid_log_volume(lam, cutoff)
+    k = 200
+    est = lv.estimate_log_volume(
+        lv.QuadraticCost(a_mat, center), center, cutoff=cutoff, n_samples=k, prior=lv.LebesguePrior(),
+        progress=False,
+    )
+    assert est.log_volume <= truth + math.log(k)
+    # the naive estimator is far too small here (paper §3.1): tens of nats at cond 1e4
+    assert est.log_volume < truth - 10
+    # and the correctly preconditioned one is not
+    assert np.all(np.abs(est.cost_at_radius - cutoff) <= 1e-2 * cutoff)
+
+
+def test_paper_matrix_preconditioner_is_worse_than_correct_one():
+    a_mat, lam, center = _ellipsoid(n=100, cond=1e3)
+    cutoff = 0.05
+    cost = lv.QuadraticCost(a_mat, center)
+    kw = dict(cutoff=cutoff, n_samples=50, prior=lv.LebesguePrior(), rtol=1e-4, progress=False)
+    right = lv.estimate_log_volume(cost, center, preconditioner=lv.MatrixPreconditioner(a_mat, eps=0.0), **kw)
+    paper = lv.estimate_log_volume(cost, center, preconditioner=lv.PaperMatrixPreconditioner(a_mat, eps=0.0), **kw)
+    truth = _ellipsoid_log_volume(lam, cutoff)
+    assert right.log_volume == pytest.approx(truth, rel=1e-3)
+    assert paper.log_volume < truth - 5  # REPLICATION.md §7.2: diag(p) Vᵀ u is no help
+
+
+def test_log_volume_against_log_cutoff_has_slope_n_over_2():
+    a_mat, lam, center = _ellipsoid(n=60, cond=100)
+    cost = lv.QuadraticCost(a_mat, center)
+    cutoffs = [1e-4, 1e-2, 1.0]
+    logs = [
+        lv.estimate_log_volume(cost, center, cutoff=c, n_samples=30, prior=lv.LebesguePrior(), rtol=1e-6,
+                               seed=3, progress=False).log_volume
+        for c in cutoffs
+    ]
+    slopes = np.diff(logs) / np.diff(np.log(cutoffs))
+    np.testing.assert_allclose(slopes, 60 / 2, rtol=1e-4)
+
+
+def test_gaussian_mass_of_ball_matches_noncentral_chi_square():
+    # cost |θ − θ0|²: the neighbourhood is the ball of radius R around θ0 (off the origin);
+    # its N(0, σ²I) mass is P(χ'²_N(λ = |θ0|²/σ²) ≤ R²/σ²).
+    n, sigma = 8, 0.7
+    g = torch.Generator().manual_seed(1)
+    anchor = torch.randn(n, generator=g, dtype=torch.float64) * 0.5
+    cutoff, k = 0.36, 4000  # R = 0.6
+    cost = lv.QuadraticCost(2.0 * torch.eye(n, dtype=torch.float64), anchor)
+    est = lv.estimate_log_volume(cost, anchor, cutoff=cutoff, n_samples=k, prior=lv.GaussianPrior(sigma),
+                                 rtol=1e-9, progress=False)
+    lam = float((anchor**2).sum()) / sigma**2
+    truth = ncx2.logcdf(cutoff / sigma**2, n, lam)
+    w = np.exp(est.samples - est.samples.max())
+    rel_se = w.std() / w.mean() / math.sqrt(k)
+    assert abs(est.log_volume - truth) < 4 * rel_se + 1e-6
+    assert rel_se < 0.05  # the test has power: a wrong offset term shifts the mass by far more
+    assert est.log_prior_at_anchor == pytest.approx(-0.5 * lam)
+    np.testing.assert_allclose(est.radii, 0.6, rtol=1e-8)
+
+
+def test_per_parameter_sigma_equals_scalar_sigma():
+    n = 5
+    anchor = torch.linspace(-1, 1, n, dtype=torch.float64)
+    cost = lv.QuadraticCost(torch.eye(n, dtype=torch.float64), anchor)
+    kw = dict(cutoff=0.1, n_samples=20, rtol=1e-6, progress=False)
+    a = lv.estimate_log_volume(cost, anchor, prior=lv.GaussianPrior(0.8), **kw)
+    b = lv.estimate_log_volume(cost, anchor, prior=lv.GaussianPrior(torch.full((n,), 0.8, dtype=torch.float64)), **kw)
+    np.testing.assert_allclose(a.samples, b.samples, rtol=1e-12)
+
+
+def test_unbounded_directions_give_finite_gaussian_mass_and_infinite_volume():
+    # the cost ignores the last coordinate: every direction with a component along it is bounded,
+    # but the exact axis is not: use a cost that is flat beyond a plateau instead.
+    n = 4
+    anchor = torch.zeros(n, dtype=torch.float64)
+    flat = lambda th: torch.zeros(th.shape[0], dtype=th.dtype)  # noqa: E731
+    est = lv.estimate_log_volume(flat, anchor, cutoff=1.0, n_samples=5, prior=lv.GaussianPrior(1.0), progress=False)
+    assert np.all(np.isinf(est.radii))
+    assert est.log_volume == pytest.approx(0.0, abs=1e-9)  # the whole Gaussian: probability 1
+    with pytest.warns(UserWarning, match="infinite Lebesgue volume"):
+        est = lv.estimate_log_volume(flat, anchor, cutoff=1.0, n_samples=3, prior=lv.LebesguePrior(), progress=False)
+    assert est.log_volume == math.inf
+
+
+def test_gaussian_mass_is_at_most_one_and_grows_with_cutoff():
+    n = 30
+    anchor = torch.zeros(n, dtype=torch.float64)  # at the prior's centre every direction is alike
+    cost = lv.QuadraticCost(torch.eye(n, dtype=torch.float64), anchor)
+    vals = [lv.estimate_log_volume(cost, anchor, cutoff=c, n_samples=20, prior=lv.GaussianPrior(1.0),
+                                   progress=False).log_volume for c in (0.01, 1.0, 100.0, 1e4)]
+    assert vals[0] < vals[1] < vals[2] <= 1e-12  # a probability: log ≤ 0
+    # the ball of radius √(2c) around the origin: P(χ²_30 ≤ 2c)
+    np.testing.assert_allclose(vals, [chi2.logcdf(2 * c, n) for c in (0.01, 1.0, 100.0, 1e4)], rtol=1e-6, atol=1e-9)
+
+
+def test_batching_does_not_change_directions_or_results():
+    a_mat, lam, center = _ellipsoid(n=50, cond=100)
+    cost = lv.QuadraticCost(a_mat, center)
+    kw = dict(cutoff=0.1, n_samples=12, prior=lv.LebesguePrior(), rtol=1e-9, progress=False, seed=7)
+    one = lv.estimate_log_volume(cost, center, batch_size=1, **kw)
+    many = lv.estimate_log_volume(cost, center, batch_size=12, **kw)
+    np.testing.assert_allclose(one.samples, many.samples, rtol=1e-7)
+
+
+def test_resume_after_interruption_keeps_finished_samples(tmp_path):
+    a_mat, lam, center = _ellipsoid(n=40, cond=100)
+    base = lv.QuadraticCost(a_mat, center)
+    kw = dict(cutoff=0.1, n_samples=40, prior=lv.LebesguePrior(), rtol=1e-9, progress=False, batch_size=8)
+    full = lv.estimate_log_volume(base, center, **kw)
+
+    calls = {"n": 0}
+
+    def flaky(theta):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise KeyboardInterrupt
+        return base(theta)
+
+    ckpt = tmp_path / "est.npz"
+    with pytest.raises(KeyboardInterrupt):
+        lv.estimate_log_volume(flaky, center, checkpoint_path=ckpt, **kw)
+    saved = np.load(ckpt)
+    n_done = int(saved["done"].sum())
+    assert 0 < n_done < 40
+    counted = {"n": 0}
+
+    def counting(theta):
+        counted["n"] += theta.shape[0]
+        return base(theta)
+
+    resumed = lv.estimate_log_volume(counting, center, checkpoint_path=ckpt, **kw)
+    np.testing.assert_allclose(resumed.samples, full.samples, rtol=1e-7)
+    assert counted["n"] < full.cost_evaluations - n_done  # finished samples were not redone
+    with pytest.raises(ValueError, match="different settings"):
+        lv.estimate_log_volume(base, center, checkpoint_path=ckpt, **{**kw, "cutoff": 0.2})
+
+
+def _bad_call(**over):
+    anchor = torch.zeros(3, dtype=torch.float64)
+    cost = lv.QuadraticCost(torch.eye(3, dtype=torch.float64), anchor)
+    kw = dict(cutoff=0.1, n_samples=2, prior=lv.GaussianPrior(1.0), progress=False)
+    kw.update(over)
+    anchor = kw.pop("anchor", anchor)
+    cost = kw.pop("cost", cost)
+    return lv.estimate_log_volume(cost, anchor, **kw)
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(cutoff=0.0), "cutoff must be finite and > 0, got 0.0"),
+        (dict(cutoff=-1.0), "cutoff must be finite and > 0, got -1.0"),
+        (dict(cutoff=float("nan")), "cutoff must be finite and > 0, got nan"),
+        (dict(n_samples=0), "n_samples must be an integer ≥ 1, got 0"),
+        (dict(n_samples=2.5), "n_samples must be an integer ≥ 1, got 2.5"),
+        (dict(rtol=0.0), "rtol must be in"),
+        (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+        (dict(anchor=torch.zeros(3, 1)), "anchor must be a 1-D"),
+        (dict(anchor=torch.zeros(3, dtype=torch.int64)), "anchor must be a 1-D float32/float64"),
+        (dict(prior=lv.GaussianPrior(torch.ones(4))), "sigma has 4 entries but the anchor has 3"),
+        (dict(prior="gaussian"), "prior must be GaussianPrior or LebesguePrior"),
+        (dict(preconditioner=lv.DiagonalPreconditioner(torch.ones(5), eps=0.1)), "preconditioner is for 5"),
+        (dict(cost=lambda th: -((th - 0) ** 2).sum(1)), "cost is negative relative to the anchor"),
+        (dict(cost=lambda th: torch.ones(th.shape[0]) * float("nan")), "the cost at the anchor is not finite"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_it(over, match):
+    with pytest.raises(ValueError, match=match):
+        _bad_call(**over)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: lv.GaussianPrior(0.0), "sigma must be a finite standard deviation > 0, got 0.0"),
+        (lambda: lv.GaussianPrior(-1.0), "got -1.0"),
+        (lambda: lv.GaussianPrior(torch.tensor([1.0, 0.0])), r"sigma\[1\] = 0.0"),
+        (lambda: lv.GaussianPrior(float("inf")), "got inf"),
+    ],
+)
+def test_bad_sigma(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_markov_statement_and_units():
+    anchor = torch.zeros(3, dtype=torch.float64)
+    est = _bad_call(n_samples=10)
+    assert est.log10_volume == pytest.approx(est.log_volume / math.log(10))
+    assert "1/k = 0.1" in est.markov and "eq. 14" in est.markov
+    assert 0 < est.max_sample_share <= 1
+    d = est.to_dict()
+    assert d["log_volume"] == est.log_volume and d["n_samples"] == 10
+    assert est.cost_evaluations == 1 + int(est.evaluations.sum())
+    assert anchor.shape == (3,)
