@@ -113,7 +113,7 @@ def find_radius(
     norms = torch.linalg.vector_norm(directions.double(), dim=1).cpu().numpy()
     if not np.all(np.isfinite(norms) & (norms > 0)):
         i = int(np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))[0])
-        raise ValueError(f"direction {first_index + i} has norm {norms[i]!r}; need finite and > 0")
+        raise ValueError(f"direction {first_index + i} has norm {float(norms[i])!r}; need finite and > 0")
     if anchor_cost is None:
         anchor_cost = evaluate_anchor_cost(cost, anchor)
     np_dtype = np.float32 if anchor.dtype == torch.float32 else np.float64
@@ -188,7 +188,7 @@ def find_radius(
                 raise RadiusSearchError(
                     f"radius search did not converge along direction {first_index + i} after "
                     f"{evals[i]} evaluations: last bracket [{lo[i] * norms[i]:.9g}, {hi[i] * norms[i]:.9g}] "
-                    f"(cost below the cutoff at the low end, {what} at the high end; last cost {d!r}, "
+                    f"(cost below the cutoff at the low end, {what} at the high end; last cost {float(d)!r}, "
                     f"cutoff {cutoff}, rtol {rtol}). Is the cost continuous and monotone along the ray?"
                 )
 
@@ -219,8 +219,7 @@ def _next_multiplier(m, d, prev_m, prev_d, last_m, last_d, lo, hi, m_max, cutoff
         if step is None or not math.isfinite(step):
             step = m * 100.0
         return min(max(step, m * 1.01), m * 1000.0, m_max)
-    width = hi - lo
-    inside = step is not None and math.isfinite(step) and lo + 0.01 * width < step < hi - 0.01 * width
+    inside = step is not None and math.isfinite(step) and lo < step < hi
     if inside and n_evals < 6:
         return step
     return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi  # bisection (in log m once lo > 0)
