@@ -18,6 +18,10 @@ from torch.func import functional_call, vmap
 __all__ = ["ExpectedKL", "CrossEntropyCost", "QuadraticCost"]
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 class QuadraticCost:
     """C(θ) = ½ (θ − center)ᵀ A (θ − center): a toy cost with closed-form neighbourhoods.
 
@@ -143,7 +147,8 @@ class ExpectedKL(_ModelCost):
             for start in range(0, len(self.inputs), self.batch_size):
                 sl = slice(start, start + self.batch_size)
                 mask = None if self.mask is None else self.mask[sl]
-                parts.append(torch.log_softmax(self._logits(anchor, self.inputs[sl], mask).float(), -1))
+                logits = self._logits(anchor, self.inputs[sl], mask)
+                parts.append(torch.log_softmax(logits.to(_at_least_float32(logits.dtype)), -1))
         self.anchor_log_probs = torch.cat(parts)  # (n, ..., C)
 
     def _item_losses(self, logits, sl):
@@ -167,6 +172,6 @@ class CrossEntropyCost(_ModelCost):
         self.targets = targets.to(self.inputs.device)
 
     def _item_losses(self, logits, sl):
-        log_q = torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, -1)
+        log_q = torch.log_softmax(logits.to(_at_least_float32(logits.dtype)), -1)
         y = self.targets[sl].expand(log_q.shape[:-1])
         return -log_q.gather(-1, y.unsqueeze(-1)).squeeze(-1)

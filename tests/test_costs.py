@@ -1,0 +1,102 @@
+"""Batched costs: KL from the anchor (paper §3.4) against direct computation."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+import localvol as lv
+
+
+def _mlp(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.GELU(approximate="tanh"), nn.Linear(7, 4)).to(dtype)
+
+
+def _direct_kl(model, theta, x):
+    """KL(p_anchor ‖ p_θ) by hand, one parameter vector at a time on a copy of the model."""
+    with torch.no_grad():
+        p0 = torch.softmax(model(x), -1)
+        other = _mlp().to(theta.dtype)
+        vector_to_parameters(theta, other.parameters())
+        q = torch.softmax(other(x), -1)
+        return float((p0 * (p0.log() - q.log())).sum(-1).mean())
+
+
+def test_expected_kl_matches_hand_computation_and_is_zero_at_anchor():
+    model = _mlp()
+    x = torch.rand(13, 5, dtype=torch.float64)
+    cost = lv.ExpectedKL(model, x, batch_size=4)  # 4 data batches, the last one partial
+    anchor = parameters_to_vector(model.parameters()).detach()
+    thetas = anchor + 0.3 * torch.randn(3, anchor.numel(), dtype=torch.float64)
+    got = cost(torch.cat([anchor[None], thetas])).numpy()
+    assert got[0] == pytest.approx(0.0, abs=1e-15)
+    want = [_direct_kl(model, t, x) for t in thetas]
+    np.testing.assert_allclose(got[1:], want, rtol=1e-10)
+
+
+def test_vmap_and_one_at_a_time_agree():
+    model = _mlp()
+    x = torch.rand(9, 5, dtype=torch.float64)
+    cost = lv.ExpectedKL(model, x)
+    anchor = parameters_to_vector(model.parameters()).detach()
+    thetas = anchor + 0.1 * torch.randn(4, anchor.numel(), dtype=torch.float64)
+    batched = cost(thetas)
+    cost._vmap_ok = False
+    looped = cost(thetas)
+    np.testing.assert_allclose(batched.numpy(), looped.numpy(), rtol=1e-12)
+
+
+class _TinyLM(nn.Module):
+    """Token model returning an output object with .logits (n, T, V), like transformers."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": self.out(torch.tanh(self.emb(input_ids)))})()
+
+
+def test_language_model_kl_averages_over_real_tokens_only():
+    torch.manual_seed(1)
+    lm = _TinyLM().double()
+    ids = torch.randint(0, 11, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    cost = lv.ExpectedKL(lm, ids, attention_mask=mask, batch_size=2)
+    anchor = parameters_to_vector(lm.parameters()).detach()
+    theta = anchor + 0.5 * torch.randn(anchor.numel(), dtype=torch.float64)
+    got = float(cost(theta[None])[0])
+    with torch.no_grad():
+        p0 = torch.log_softmax(lm(ids).logits, -1)
+        vector_to_parameters(theta, lm.parameters())
+        q = torch.log_softmax(lm(ids).logits, -1)
+    per_token = (p0.exp() * (p0 - q)).sum(-1)  # (3, 5)
+    assert got == pytest.approx(float(per_token[mask.bool()].mean()), rel=1e-10)  # 10 real tokens
+    assert got != pytest.approx(float(per_token.mean()), rel=1e-3)  # not the padded mean
+
+
+def test_cross_entropy_cost():
+    model = _mlp()
+    x = torch.rand(8, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,))
+    cost = lv.CrossEntropyCost(model, x, y, batch_size=3)
+    anchor = parameters_to_vector(model.parameters()).detach()
+    with torch.no_grad():
+        want = float(nn.functional.cross_entropy(model(x), y))
+    assert float(cost(anchor[None])[0]) == pytest.approx(want, rel=1e-12)
+
+
+def test_half_precision_is_refused():
+    with pytest.raises(ValueError, match="float16.*never in half precision"):
+        lv.ExpectedKL(_mlp(dtype=torch.float16), torch.rand(3, 5, dtype=torch.float16))
+
+
+def test_shape_errors():
+    model = _mlp()
+    cost = lv.ExpectedKL(model, torch.rand(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"theta must have shape \(B, 74\)"):
+        cost(torch.zeros(2, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        lv.ExpectedKL(model, torch.rand(3, 5), batch_size=0)
