@@ -152,7 +152,7 @@ def test_resume_after_interruption_keeps_finished_samples(tmp_path):
 
     def flaky(theta):
         calls["n"] += 1
-        if calls["n"] > 12:
+        if calls["n"] > 6:
             raise KeyboardInterrupt
         return base(theta)
 

@@ -23,6 +23,7 @@ import torch
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
+from ._reduce import row_dot64
 from .priors import GaussianPrior, LebesguePrior
 from .radius import _check_search_args, evaluate_anchor_cost, find_radius
 
@@ -206,8 +207,7 @@ def estimate_log_volume(
     batch_size = int(batch_size)
     if isinstance(prior, GaussianPrior):
         prior._inv_var(anchor)  # validates sigma's length
-        sigma_max = prior.sigma if isinstance(prior.sigma, float) else float(prior.sigma.max())
-        default_max = float(torch.linalg.vector_norm(anchor.double())) + sigma_max * (math.sqrt(n) + 50.0)
+        default_max = float(row_dot64(anchor).sqrt()) + prior.sigma_max * (math.sqrt(n) + 50.0)
     else:
         default_max = 1e8
     max_radius = default_max if max_radius is None else max_radius
@@ -231,7 +231,7 @@ def estimate_log_volume(
         if len(idx) == 0:
             continue
         u = sample_directions(n, idx, seed=seed, dtype=anchor.dtype, device=anchor.device)  # (B, N)
-        log_u_norm = torch.log(torch.linalg.vector_norm(u.double(), dim=1)).cpu().numpy()
+        log_u_norm = 0.5 * torch.log(row_dot64(u)).cpu().numpy()
         v = u if preconditioner is None else preconditioner.apply(u)  # (B, N)
         guess = _initial_radii(store, done, v)
         res = find_radius(
@@ -282,19 +282,20 @@ def _initial_radii(store, done, v):
     m = m[np.isfinite(m)]
     if m.size == 0:
         return None
-    return float(np.median(m)) * torch.linalg.vector_norm(v.double(), dim=1).cpu().numpy()
+    return float(np.median(m)) * row_dot64(v).sqrt().cpu().numpy()
 
 
 def _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius) -> str:
     h = hashlib.sha256()
-    a = anchor.detach().double()
-    parts = [anchor.numel(), float(a.sum()), float((a * a).sum()), cutoff, rtol, seed, repr(prior), max_radius]
+    a = anchor.detach()
+    ramp = torch.linspace(0.5, 1.5, a.numel(), device=a.device, dtype=a.dtype)
+    parts = [a.numel(), float(row_dot64(a, ramp)), float(row_dot64(a)), cutoff, rtol, seed, repr(prior), max_radius]
     if preconditioner is not None:
         scales = getattr(preconditioner, "scales", None)
-        parts += [repr(preconditioner), None if scales is None else float((scales * torch.arange(
-            scales.numel(), device=scales.device, dtype=scales.dtype)).sum())]
+        parts += [repr(preconditioner), None if scales is None else float(row_dot64(scales, torch.linspace(
+            0.5, 1.5, scales.numel(), device=scales.device, dtype=scales.dtype)))]
     if isinstance(prior, GaussianPrior) and not isinstance(prior.sigma, float):
-        parts.append(float(prior.sigma.double().sum()))
+        parts.append(float(row_dot64(prior.sigma, torch.ones_like(prior.sigma))))
     h.update(repr(parts).encode())
     return h.hexdigest()
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._reduce import row_dot64
 from .ray_integral import log_gaussian_ray_integral, log_unit_ball_volume, log_unit_sphere_area
 
 __all__ = ["GaussianPrior", "LebesguePrior"]
@@ -51,6 +52,7 @@ class GaussianPrior:
         return f"GaussianPrior(sigma=<tensor of {self.sigma.numel()} stds>)"
 
     def _inv_var(self, anchor: torch.Tensor) -> torch.Tensor | float:
+        """1/σ² as a float, or an (N,) tensor on the anchor's device (anchor's dtype)."""
         if isinstance(self.sigma, float):
             return 1.0 / self.sigma**2
         if self.sigma.numel() != anchor.numel():
@@ -59,10 +61,13 @@ class GaussianPrior:
             )
         return 1.0 / self.sigma.to(anchor.device, torch.float64) ** 2
 
+    @property
+    def sigma_max(self) -> float:
+        return self.sigma if isinstance(self.sigma, float) else float(self.sigma.max())
+
     def log_density_at(self, anchor: torch.Tensor) -> float:
         """−|θ0/σ|²/2: log ρ(θ0) − log ρ(0), the "prior term" of REPLICATION.md §7.5 (nats)."""
-        inv_var = self._inv_var(anchor)
-        return float(-0.5 * (anchor.double() ** 2 * inv_var).sum())
+        return float(-0.5 * row_dot64(anchor, weight=self._inv_var(anchor)))
 
     def log_normaliser(self, n: int) -> float:
         """log of the density at the origin: −(N/2) log 2π − Σ log σ_j (nats)."""
@@ -77,8 +82,8 @@ class GaussianPrior:
         Returns two float64 NumPy arrays (B,).
         """
         inv_var = self._inv_var(anchor)
-        a = torch.stack([(d.double() ** 2 * inv_var).sum() for d in directions])
-        b = torch.stack([-(d.double() * anchor.double() * inv_var).sum() for d in directions])
+        a = torch.stack([row_dot64(d, weight=inv_var) for d in directions])
+        b = torch.stack([-row_dot64(d, anchor, weight=inv_var) for d in directions])
         return a.cpu().numpy(), b.cpu().numpy()
 
     def log_terms(self, anchor, directions, multipliers, log_u_norm) -> np.ndarray:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._reduce import row_dot64
+
 __all__ = ["RadiusResult", "find_radius", "RadiusSearchError"]
 
 
@@ -110,7 +112,7 @@ def find_radius(
         )
     directions = directions.to(anchor.device, anchor.dtype)
     n_dir = directions.shape[0]
-    norms = torch.linalg.vector_norm(directions.double(), dim=1).cpu().numpy()
+    norms = row_dot64(directions).sqrt().cpu().numpy()
     if not np.all(np.isfinite(norms) & (norms > 0)):
         i = int(np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))[0])
         raise ValueError(f"direction {first_index + i} has norm {float(norms[i])!r}; need finite and > 0")
@@ -119,7 +121,7 @@ def find_radius(
     np_dtype = np.float32 if anchor.dtype == torch.float32 else np.float64
 
     if initial_radius is None:
-        initial_radius = 1e-3 * max(float(torch.linalg.vector_norm(anchor.double())), 1.0)
+        initial_radius = 1e-3 * max(float(row_dot64(anchor).sqrt()), 1.0)
     r0 = np.broadcast_to(np.asarray(initial_radius, dtype=np.float64), (n_dir,))
     if not np.all(np.isfinite(r0) & (r0 > 0)):
         raise ValueError(f"initial_radius must be finite and > 0, got {r0[~(np.isfinite(r0) & (r0 > 0))][:3]}")
