@@ -90,7 +90,11 @@ class _ModelCost:
         params = self._unflatten(theta)
         if self._vmap_ok:
             try:
-                return vmap(self._logits, in_dims=(0, None, None))(params, x, mask)
+                with warnings.catch_warnings():
+                    # ops without a batching rule (e.g. CPU flash attention) run per direction
+                    # inside vmap; torch warns once per layer and call: keep logs readable
+                    warnings.filterwarnings("ignore", message="There is a performance drop")
+                    return vmap(self._logits, in_dims=(0, None, None))(params, x, mask)
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as err:  # some models cannot be traced by vmap
