@@ -1,0 +1,60 @@
+# Two entry points (see README.md):
+#   make reproduce   create .venv, install the pinned dependencies and the package, write the raw
+#                    data, `dvc repro` the pipeline on params.yaml (Figure 1 into figures/)
+#   make test        the same setup, then the whole test suite (offline)
+# Setup is idempotent: it reinstalls only when pyproject.toml or requirements-lock.txt change.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+# A Python 3.11 interpreter to create the venv with.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# e.g. PROFILE=tiny: apply profiles/tiny.yaml to params.yaml before `dvc repro`.
+PROFILE ?=
+PYTEST_ARGS ?=
+
+# dvc.yaml's commands call `python`: make it the venv's.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help setup data reproduce test lab clean-results
+
+help:
+	@echo "make reproduce   set up .venv and run the pipeline (dvc repro) on params.yaml"
+	@echo "make test        set up .venv and run the test suite"
+	@echo "make lab         open the notebooks in JupyterLab"
+	@echo "options: PYTHON=python3.11  PROFILE=tiny  PYTEST_ARGS='-k digits'"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/python -c 'import sys; v = sys.version_info[:2]; assert v == (3, 11), f"need Python 3.11 for the pins, got {v}: make PYTHON=/path/to/python3.11"'
+	$(VENV)/bin/python -m pip install --disable-pip-version-check --quiet -c requirements-lock.txt -e .
+	$(VENV)/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (localvol)" >/dev/null
+	@touch $(STAMP)
+
+# Raw inputs (data/, tracked by data.dvc). With a DVC remote configured, pull them; otherwise
+# (a fresh clone) write them: a byte-for-byte copy of scikit-learn's bundled digits file, so
+# `dvc add` reproduces the committed data.dvc hash.
+data: setup
+	@if [ ! -e data/digits/digits.csv.gz ] && [ -n "$$(dvc remote list)" ]; then dvc pull data.dvc; fi
+	python -m localvol.digits write-data data/digits
+	dvc add --quiet data
+
+reproduce: data
+	$(if $(PROFILE),python -m localvol.stages apply-profile profiles/$(PROFILE).yaml)
+	dvc repro
+	dvc metrics show
+
+test: setup
+	HF_HUB_OFFLINE=1 python -m pytest -ra $(PYTEST_ARGS)
+
+lab: setup
+	jupyter lab notebooks/
+
+clean-results:
+	rm -rf results

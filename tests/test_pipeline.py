@@ -1,0 +1,114 @@
+"""The whole DVC pipeline on tiny parameters, in a temporary copy of the repository, the way
+`make reproduce PROFILE=tiny` runs it: write the raw data, `dvc add` it (the hash must equal the
+committed data.dvc), `dvc repro`; then a second `dvc repro` does nothing and a changed plot
+parameter makes only the plot stage stale. Plus static checks of the DVC configuration."""
+
+import configparser
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def repo_files() -> list[Path]:
+    """Files a clone would have, including uncommitted ones: git's tracked + untracked files
+    that are not ignored (falls back to a walk when git is unavailable)."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO, check=True, capture_output=True).stdout
+        files = [Path(p) for p in out.decode().split("\0") if p]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".git", ".venv", "data", "results", ".dvc/cache", ".dvc/tmp"}
+        files = [p.relative_to(REPO) for p in REPO.rglob("*")
+                 if p.is_file() and not any(str(p.relative_to(REPO)).startswith(s) for s in skip)]
+    return [f for f in files if (REPO / f).is_file()]
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
+
+
+def test_dvc_config_turns_off_analytics_and_update_checks():
+    config = configparser.ConfigParser()
+    config.read(REPO / ".dvc" / "config")
+    assert config["core"]["analytics"] == "false"
+    assert config["core"]["check_update"] == "false"
+
+
+def test_dvc_yaml_structure():
+    dvc = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())
+    params = YAML(typ="safe").load((REPO / "params.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        assert stage["cmd"].startswith(f"python -m localvol.stages run {name} notebooks/{name}.ipynb")
+        keys = stage["params"]
+        assert keys and all(isinstance(k, str) and k.count(".") == 1 for k in keys), \
+            f"{name}: list single keys (section.key), not whole sections"
+        for key in keys:
+            section, leaf = key.split(".")
+            assert leaf in params[section], key
+        # the executed notebook is an out with cache: false
+        executed = [o for o in stage["outs"] if isinstance(o, dict)
+                    and next(iter(o)).endswith(f"/{name}.ipynb")]
+        assert executed and next(iter(executed[0].values())) == {"cache": False}
+    assert set(params) >= {"digits", "train_mlp", "estimate_mlp", "plot_mlp"}
+    metrics = [m for s in dvc["stages"].values() for m in s.get("metrics", [])]
+    assert len(metrics) == 2
+
+
+@pytest.mark.slow
+def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
+    work = tmp_path / "repo"
+    for rel in repo_files():
+        target = work / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    for stale in ("dvc.lock", "results", "data"):
+        path = work / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    run(["git", "init", "-q"], work)  # DVC's repo is a git repo; no commit is needed
+    python, dvc = str(BIN / "python"), str(BIN / "dvc")
+
+    # what `make reproduce PROFILE=tiny` does
+    run([python, "-m", "localvol.stages", "apply-profile", "profiles/tiny.yaml"], work)
+    run([python, "-m", "localvol.digits", "write-data", "data/digits"], work)
+    run([dvc, "add", "--quiet", "data"], work)
+    assert (work / "data.dvc").read_text() == (REPO / "data.dvc").read_text(), \
+        "the written raw data must hash to the committed data.dvc"
+    out = run([dvc, "repro"], work)
+    for stage in ("split_digits", "train_mlp", "estimate_mlp", "plot_mlp"):
+        assert f"Running stage '{stage}'" in out
+        assert (work / "results" / "notebooks" / f"{stage}.ipynb").exists()
+    for name in ("figure1_mlp.png", "figure1_mlp.pdf", "figure1_mlp_aggregates.csv",
+                 "figure1_mlp_aggregates.md"):
+        assert (work / "figures" / name).stat().st_size > 0, name
+
+    metrics = json.loads(run([dvc, "metrics", "show", "--json"], work))
+    text = json.dumps(metrics)
+    for key in ("naive", "hessian_e1", "log10_volume", "heldout_accuracy"):
+        assert key in text, key
+
+    # nothing changed: nothing runs
+    assert "Running stage" not in run([dvc, "repro"], work)
+    # a plot parameter changed: only plot_mlp is stale
+    (tmp_path / "bins.yaml").write_text("plot_mlp:\n  bins: 9\n")
+    run([python, "-m", "localvol.stages", "apply-profile", str(tmp_path / "bins.yaml")], work)
+    status = json.loads(run([dvc, "status", "--json"], work))
+    assert list(status) == ["plot_mlp"], status

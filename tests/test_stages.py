@@ -1,0 +1,166 @@
+"""Pipeline plumbing: notebook parameter checking, dvc.yaml/params.yaml reading, profiles,
+atomic result files."""
+
+import json
+import os
+import stat
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localvol.stages import (
+    ParameterError,
+    apply_profile,
+    atomic_path,
+    check_parameters,
+    save_npz_atomic,
+    stage_parameters,
+    write_json_atomic,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def notebook_namespace(parameters_cell: str, injected: str = "") -> dict:
+    """Run a parameters cell, then papermill's injected cell, the way a kernel would."""
+    ns: dict = {"__name__": "__main__", "In": [""], "Out": {}, "_ih": [], "_": None}
+    exec(compile(textwrap.dedent(parameters_cell), "<parameters>", "exec"), ns)
+    exec(compile(textwrap.dedent(injected), "<injected-parameters>", "exec"), ns)
+    return ns
+
+
+CELL = """
+seed: int = 0  # split seed
+lr: float = 0.05  # peak learning rate
+name: str = "mlp"
+betas: list[float] = [0.9, 0.999]
+batch_size: int | None = None
+flags: dict[str, dict] = {"a": {"kind": "x", "eps": 0.1}}
+"""
+
+
+def test_defaults_pass_and_come_back_in_order():
+    params = check_parameters(notebook_namespace(CELL))
+    assert list(params) == ["seed", "lr", "name", "betas", "batch_size", "flags"]
+    assert params["lr"] == 0.05 and params["batch_size"] is None
+
+
+def test_injected_values_override_and_int_becomes_float():
+    ns = notebook_namespace(CELL, "lr = 1\nseed = 3\nbatch_size = 16\nbetas = [0.5, 1]")
+    params = check_parameters(ns)
+    assert params["lr"] == 1.0 and isinstance(params["lr"], float)
+    assert isinstance(ns["lr"], float)  # written back into the notebook's namespace
+    assert params["betas"] == [0.5, 1.0] and params["batch_size"] == 16
+
+
+def test_mistyped_parameter_is_an_error_with_a_suggestion():
+    with pytest.raises(ParameterError, match=r"unknown parameter.*'lrr'.*did you mean 'lr'"):
+        check_parameters(notebook_namespace(CELL, "lrr = 0.1"))
+
+
+def test_unknown_parameter_is_an_error():
+    with pytest.raises(ParameterError, match="unknown parameter.*'colour'"):
+        check_parameters(notebook_namespace(CELL, "colour = 'red'"))
+
+
+@pytest.mark.parametrize("injected, message", [
+    ("seed = 'zero'", "expected int"),
+    ("seed = 1.5", "expected int"),
+    ("seed = True", "expected int"),
+    ("lr = '1e-2'", "YAML 1.1"),
+    ("lr = None", "expected float"),
+    ("name = 3", "expected str"),
+    ("betas = 0.9", "expected a list"),
+    ("betas = [0.9, 'x']", r"betas\[1\]"),
+    ("batch_size = 'all'", "matches none"),
+    ("flags = [1]", "expected a mapping"),
+])
+def test_ill_typed_parameter_is_an_error(injected, message):
+    with pytest.raises(ParameterError, match=message):
+        check_parameters(notebook_namespace(CELL, injected))
+
+
+def test_modules_functions_and_private_names_are_not_parameters():
+    ns = notebook_namespace(CELL, "")
+    ns.update(np=np, check_parameters=check_parameters, _hidden=1, get_ipython=None)
+    check_parameters(ns)
+
+
+def test_a_notebook_without_annotations_is_an_error():
+    with pytest.raises(ParameterError, match="annotated"):
+        check_parameters(notebook_namespace("seed = 0\n"))
+
+
+def test_stage_parameters_reads_only_the_listed_keys(tmp_path):
+    (tmp_path / "params.yaml").write_text(
+        "a:\n  x: 1.0e-2\n  y: 1e-3\n  unused: 5\nb:\n  z: [1, 2]\n")
+    (tmp_path / "other.yaml").write_text("c:\n  w: hello\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: x\n    params:\n      - a.x\n      - a.y\n      - b.z\n"
+        "      - other.yaml:\n          - c.w\n")
+    params = stage_parameters("s", tmp_path / "dvc.yaml", tmp_path / "params.yaml")
+    # YAML 1.2 as DVC reads it: 1e-3 is a float here.
+    assert params == {"x": 0.01, "y": 0.001, "z": [1, 2], "w": "hello"}
+
+
+def test_stage_parameters_errors(tmp_path):
+    (tmp_path / "params.yaml").write_text("a:\n  x: 1\nb:\n  x: 2\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: x\n    params: [a.x, b.x]\n  t:\n    cmd: x\n    params: [a.q]\n")
+    with pytest.raises(ValueError, match="two parameters named 'x'"):
+        stage_parameters("s", tmp_path / "dvc.yaml", tmp_path / "params.yaml")
+    with pytest.raises(KeyError, match="a.q"):
+        stage_parameters("t", tmp_path / "dvc.yaml", tmp_path / "params.yaml")
+    with pytest.raises(KeyError, match="stage 'u'"):
+        stage_parameters("u", tmp_path / "dvc.yaml", tmp_path / "params.yaml")
+
+
+def test_every_repo_stage_resolves_its_parameters():
+    from ruamel.yaml import YAML
+
+    stages = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in stages:
+        params = stage_parameters(stage, REPO / "dvc.yaml", REPO / "params.yaml")
+        assert params, stage
+
+
+def test_apply_profile_keeps_comments_and_rejects_unknown_keys(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:  # the training stage\n  lr: 0.05  # peak\n  epochs: 25\n"
+                      "est:\n  k: 100\n")
+    profile = tmp_path / "p.yaml"
+    profile.write_text("train:\n  epochs: 2\nest:\n  k: 3\n")
+    assert apply_profile(profile, params) == ["train.epochs", "est.k"]
+    text = params.read_text()
+    assert "# the training stage" in text and "# peak" in text
+    assert "epochs: 2" in text and "k: 3" in text and "lr: 0.05" in text
+    profile.write_text("train:\n  epochz: 2\n")
+    with pytest.raises(KeyError, match="train.epochz"):
+        apply_profile(profile, params)
+
+
+def test_repo_profiles_apply_to_params_yaml(tmp_path):
+    for profile in (REPO / "profiles").glob("*.yaml"):
+        params = tmp_path / "params.yaml"
+        params.write_text((REPO / "params.yaml").read_text())
+        assert apply_profile(profile, params)
+
+
+def test_atomic_writes(tmp_path):
+    path = write_json_atomic(tmp_path / "sub" / "m.json",
+                             {"a": np.float64(1.5), "b": np.arange(3), "c": float("inf")})
+    assert json.loads(path.read_text()) == {"a": 1.5, "b": [0, 1, 2], "c": None}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    npz = save_npz_atomic(tmp_path / "x.npz", a=np.ones(2))
+    with np.load(npz) as z:
+        assert z["a"].tolist() == [1.0, 1.0]
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "never.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert not (tmp_path / "never.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
