@@ -66,6 +66,15 @@ class VolumeEstimate:
     wall_time_s: float = 0.0
     meta: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        lp = "" if self.log_prior_at_anchor is None else f", log_prior_at_anchor={self.log_prior_at_anchor:.6g}"
+        return (
+            f"VolumeEstimate(log_volume={self.log_volume:.6g} nats (log10 {self.log10_volume:.6g}), "
+            f"k={self.n_samples}, n_params={self.n_params}, cutoff={self.cutoff:g}{lp}, "
+            f"prior={self.prior}, preconditioner={self.preconditioner}, "
+            f"cost_evaluations={self.cost_evaluations}, max_sample_share={self.max_sample_share:.3g})"
+        )
+
     @property
     def n_samples(self) -> int:
         return int(self.samples.size)
