@@ -67,7 +67,7 @@ class GaussianPrior:
 
     def log_density_at(self, anchor: torch.Tensor) -> float:
         """−|θ0/σ|²/2: log ρ(θ0) − log ρ(0), the "prior term" of REPLICATION.md §7.5 (nats)."""
-        return float(-0.5 * row_dot64(anchor, weight=self._inv_var(anchor)))
+        return float(-0.5 * row_dot64(anchor, weight=self._inv_var(anchor))) + 0.0  # no -0.0
 
     def log_normaliser(self, n: int) -> float:
         """log of the density at the origin: −(N/2) log 2π − Σ log σ_j (nats)."""
