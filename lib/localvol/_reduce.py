@@ -28,3 +28,18 @@ def row_dot64(x: torch.Tensor, y: torch.Tensor | None = None, weight=None) -> to
             prod = prod * float(weight)
         total = total + prod.sum(-1)
     return total
+
+
+def checksum64(x: torch.Tensor) -> float:
+    """Σ_j x_j w_j over the flattened tensor with fixed irrational weights w_j = frac(j φ) − ½.
+
+    A cheap fingerprint of a long vector (order-sensitive, unlike a plain sum), chunked.
+    """
+    flat = x.detach().reshape(-1)
+    total = 0.0
+    for s in range(0, flat.numel(), _CHUNK):
+        chunk = flat[s : s + _CHUNK].double()
+        j = torch.arange(s, s + chunk.numel(), device=chunk.device, dtype=torch.float64)
+        w = torch.frac(j * 0.6180339887498949) - 0.5
+        total += float((chunk * w).sum())
+    return total

@@ -106,6 +106,9 @@ def adam_moment(
         index = {id(p): i for p, i in zip(opt_tensors, ids)}
         lookup = [(name, index.get(id(p))) for name, p in named]
 
+    if state and not any(sid in state for _, sid in lookup if sid is not None):
+        raise ValueError(f"the optimizer state has {len(state)} entries but none matches the parameter ids "
+                         f"{ids[:5]}...; state keys {list(state)[:5]} (string keys after a JSON round trip?)")
     pieces = []
     for (name, p), (_, sid) in zip(named, lookup):
         if sid is None:

@@ -66,8 +66,11 @@ class _ModelCost:
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]
         self.n_params = sum(self.sizes)
-        device = named[0][1].device
-        self.inputs = inputs.to(device)
+        device, dtype = named[0][1].device, named[0][1].dtype
+        if len(inputs) == 0:
+            raise ValueError("inputs is empty: the cost needs at least one data item")
+        # float inputs follow the parameters' dtype (a float64 model gets float64 images)
+        self.inputs = inputs.to(device, dtype) if inputs.is_floating_point() else inputs.to(device)
         self.mask = None if mask is None else mask.to(device)
         self.batch_size = len(inputs) if batch_size is None else int(batch_size)
         self._vmap_ok = True
@@ -80,7 +83,10 @@ class _ModelCost:
     def _logits(self, params: dict, x: torch.Tensor, mask) -> torch.Tensor:
         kwargs = {} if mask is None else {"attention_mask": mask}
         out = functional_call(self.model, params, (x,), kwargs)
-        return out.logits if hasattr(out, "logits") else out
+        out = out.logits if hasattr(out, "logits") else out
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"model must return a logits tensor or an output with .logits, got {type(out).__name__}")
+        return out
 
     def _item_losses(self, logits, sl: slice):  # (..., C) -> (...)
         raise NotImplementedError
@@ -117,9 +123,9 @@ class _ModelCost:
                 total = total + losses.flatten(1).double().sum(1)
                 weight += losses[0].numel()
             else:
-                m = mask.to(losses.dtype)
-                total = total + (losses * m).flatten(1).double().sum(1)
-                weight += float(m.sum())
+                keep = mask.bool()  # where(), not a product: NaN logits at padding must not leak
+                total = total + torch.where(keep, losses, 0.0).flatten(1).double().sum(1)
+                weight += float(keep.sum())
         if weight == 0:
             raise ValueError("the evaluation set has no items (all tokens masked?)")
         return total / weight

@@ -148,9 +148,11 @@ def _check_sequential(model) -> list[nn.Module]:
     seen = set()
     for i, layer in enumerate(layers):
         if isinstance(layer, nn.Linear):
-            if id(layer) in seen:
-                raise ValueError(f"layer {i} ({layer}) appears twice: shared layers are not supported")
-            seen.add(id(layer))
+            for p in layer.parameters(recurse=False):
+                if id(p) in seen:
+                    raise ValueError(f"layer {i} ({layer}) shares a parameter with an earlier layer: "
+                                     "shared weights are not supported")
+                seen.add(id(p))
         elif not isinstance(layer, _ELEMENTWISE):
             raise ValueError(f"unsupported layer {i}: {layer!r}; HesScale here supports nn.Linear and "
                              f"elementwise activations ({', '.join(c.__name__ for c in _ELEMENTWISE)})")

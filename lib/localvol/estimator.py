@@ -23,7 +23,7 @@ import torch
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from ._reduce import row_dot64
+from ._reduce import checksum64, row_dot64
 from .priors import GaussianPrior, LebesguePrior
 from .radius import _check_search_args, evaluate_anchor_cost, find_radius
 
@@ -173,7 +173,9 @@ def estimate_log_volume(
         prior: :class:`GaussianPrior` (probability, eq. 19) or :class:`LebesguePrior` (volume).
         preconditioner: None (naive, eq. 10) or an object with ``apply((B, N)) -> (B, N)``
             and ``n`` == N, unit determinant (eq. 15-18).
-        rtol: relative tolerance of the cost at the returned radius (see find_radius).
+        rtol: relative tolerance of the cost at the returned radius (see find_radius). It biases
+            each log term by up to ~N·rtol/2 nats in either direction (radius error rtol/2
+            for a locally quadratic cost); lower it when comparing estimates that differ by less.
         batch_size: directions per cost call (None: min(k, 256, 2^26 // N), at least 1).
         seed: int; direction i depends only on (seed, i).
         progress: show a tqdm progress bar over samples.
@@ -194,14 +196,18 @@ def estimate_log_volume(
     """
     t_start = time.perf_counter()
     cutoff, rtol, _ = _check_search_args(cutoff, rtol, 1.0)
-    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+    if (isinstance(n_samples, bool) or not isinstance(n_samples, (int, float, np.integer, np.floating))
+            or not math.isfinite(n_samples) or int(n_samples) != n_samples or n_samples < 1):
         raise ValueError(f"n_samples must be an integer ≥ 1, got {n_samples!r}")
     n_samples = int(n_samples)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
     if not isinstance(anchor, torch.Tensor) or anchor.ndim != 1 or anchor.dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"anchor must be a 1-D float32/float64 tensor, got "
             f"{type(anchor).__name__} {getattr(anchor, 'dtype', '')} {tuple(getattr(anchor, 'shape', ()))}"
         )
+    anchor = anchor.detach()
     if not torch.isfinite(anchor).all():
         raise ValueError("anchor has non-finite entries")
     if not isinstance(prior, (GaussianPrior, LebesguePrior)):
@@ -225,13 +231,13 @@ def estimate_log_volume(
     fields = ("samples", "radii", "cost_at_radius", "direction_norms", "evaluations", "multipliers")
     store = {f: np.full(n_samples, np.nan) for f in fields}
     done = np.zeros(n_samples, bool)
-    fingerprint = _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius)
-    cost_evals = 0
-    if checkpoint_path is not None:
-        cost_evals = _load_checkpoint(checkpoint_path, fingerprint, store, done)
-
     anchor_cost = evaluate_anchor_cost(cost, anchor)
-    cost_evals += 1
+    cost_evals = 1
+    fingerprint = probe = None
+    if checkpoint_path is not None:
+        fingerprint = _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius)
+        probe = _cost_probe(cost, anchor, anchor_cost, seed)
+        cost_evals += 3 + _load_checkpoint(checkpoint_path, fingerprint, probe, store, done)
     todo = np.flatnonzero(~done)
     first = min(len(todo), 16, batch_size)  # a small pilot batch calibrates the first guesses
     batches = [todo[:first]] + [todo[s : s + batch_size] for s in range(first, len(todo), batch_size)]
@@ -256,7 +262,7 @@ def estimate_log_volume(
         done[idx] = True
         cost_evals += int(res.evaluations.sum())
         if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, fingerprint, store, done, cost_evals)
+            _save_checkpoint(checkpoint_path, fingerprint, probe, store, done, cost_evals)
         bar.update(len(idx))
     bar.close()
 
@@ -295,29 +301,50 @@ def _initial_radii(store, done, v):
 
 
 def _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius) -> str:
-    h = hashlib.sha256()
+    """Hash of everything a checkpoint's samples depend on, except the cost (see _cost_probe)."""
     a = anchor.detach()
-    ramp = torch.linspace(0.5, 1.5, a.numel(), device=a.device, dtype=a.dtype)
-    parts = [a.numel(), float(row_dot64(a, ramp)), float(row_dot64(a)), cutoff, rtol, seed, repr(prior), max_radius]
+    parts = [a.numel(), checksum64(a), float(row_dot64(a)), cutoff, rtol, seed, repr(prior), max_radius]
     if preconditioner is not None:
-        scales = getattr(preconditioner, "scales", None)
-        parts += [repr(preconditioner), None if scales is None else float(row_dot64(scales, torch.linspace(
-            0.5, 1.5, scales.numel(), device=scales.device, dtype=scales.dtype)))]
+        parts.append(repr(preconditioner))
+        for name in ("scales", "eigenvectors"):
+            value = getattr(preconditioner, name, None)
+            parts.append(None if value is None else checksum64(value))
     if isinstance(prior, GaussianPrior) and not isinstance(prior.sigma, float):
-        parts.append(float(row_dot64(prior.sigma, torch.ones_like(prior.sigma))))
-    h.update(repr(parts).encode())
-    return h.hexdigest()
+        parts.append(checksum64(prior.sigma))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def _load_checkpoint(path, fingerprint, store, done) -> int:
+def _cost_probe(cost, anchor, anchor_cost, seed) -> np.ndarray:
+    """The cost at three fixed points near the anchor: a checkpoint written with another cost
+    (another model or data set) does not match and is refused."""
+    d = sample_directions(anchor.numel(), [2**31 - 1], seed=seed, dtype=anchor.dtype, device=anchor.device)[0]
+    scale = max(float(row_dot64(anchor).sqrt()), 1.0)
+    radii = torch.tensor([1e-3, 1e-2, 1e-1], dtype=anchor.dtype, device=anchor.device) * scale
+    with torch.no_grad():
+        values = cost(anchor[None] + radii[:, None] * d[None])
+    return torch.as_tensor(values).detach().double().cpu().numpy().reshape(-1) - anchor_cost
+
+
+def _load_checkpoint(path, fingerprint, probe, store, done) -> int:
+    """Fill store/done from a matching checkpoint; returns the cost evaluations it recorded."""
     path = Path(path)
     if not path.exists():
         return 0
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        f = np.load(path, allow_pickle=False)
+        _ = f["fingerprint"], f["probe"], f["done"]
+    except Exception as err:  # truncated, corrupted or foreign file
+        raise ValueError(f"checkpoint {path} cannot be read ({err!r}); delete it to start afresh") from None
+    with f:
         if str(f["fingerprint"]) != fingerprint:
             raise ValueError(
                 f"checkpoint {path} was written with different settings (anchor, cutoff, rtol, seed, "
                 "prior or preconditioner); delete it or pass another checkpoint_path"
+            )
+        if not np.allclose(f["probe"], probe, rtol=1e-4, atol=1e-12, equal_nan=True):
+            raise ValueError(
+                f"checkpoint {path} was written with a different cost (its values near the anchor "
+                f"differ: {f['probe']} vs {probe}); delete it or pass another checkpoint_path"
             )
         saved_done = f["done"]
         k = min(len(saved_done), len(done))
@@ -328,9 +355,10 @@ def _load_checkpoint(path, fingerprint, store, done) -> int:
         return int(f["cost_evaluations"])
 
 
-def _save_checkpoint(path, fingerprint, store, done, cost_evals) -> None:
+def _save_checkpoint(path, fingerprint, probe, store, done, cost_evals) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, fingerprint=np.array(fingerprint), done=done, cost_evaluations=np.array(cost_evals), **store)
+    np.savez(tmp, fingerprint=np.array(fingerprint), probe=probe, done=done,
+             cost_evaluations=np.array(cost_evals), **store)
     os.replace(tmp, path)

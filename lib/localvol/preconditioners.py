@@ -127,6 +127,13 @@ class MatrixPreconditioner:
             raise ValueError(
                 f"eigenvalues must be ({eigenvectors.shape[0]},), got {tuple(torch.as_tensor(eigenvalues).shape)}"
             )
+        if not torch.isfinite(eigenvectors).all():
+            raise ValueError("eigenvectors has non-finite entries")
+        V = eigenvectors.double()
+        probe = torch.randn(V.shape[0], 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(V.device)
+        err = float((V.T @ (V @ probe) - probe).norm() / probe.norm())
+        if err > 1e-6:
+            raise ValueError(f"eigenvectors must be orthonormal (columns of an orthogonal V); |VᵀV x − x|/|x| = {err:.3g}")
         self._init(torch.as_tensor(eigenvalues), eigenvectors, eps, exponent)
         return self
 

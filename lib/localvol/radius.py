@@ -167,7 +167,8 @@ def find_radius(
                 raise ValueError(
                     f"cost is negative relative to the anchor along direction {first_index + i}: "
                     f"C(θ0 + r d̂) − C(θ0) = {d:.6g} at radius {mi * norms[i]:.6g} (cutoff {cutoff}); "
-                    "the anchor must be a minimum of the cost"
+                    "the anchor must be a minimum of the cost (or, for a cutoff near the cost's "
+                    "rounding error, e.g. a float32 KL below ~1e-7, evaluate it in float64)"
                 )
             elif target_lo <= d <= target_hi:
                 result_m[i], result_d[i], active[i] = mi, d, False

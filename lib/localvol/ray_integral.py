@@ -73,22 +73,23 @@ def log_gaussian_ray_integral(a, b, n, r):
     Args:
         a: array-like (B,), float64, > 0. Quadratic coefficient (1/length²).
         b: array-like (B,), float64, any sign. Linear coefficient (1/length).
-        n: scalar ≥ 1 (the dimension N; t^(n−1) is the radial Jacobian). Up to ~1e15.
+        n: integer ≥ 1 (the dimension N; t^(n−1) is the radial Jacobian). Up to ~1e15.
         r: array-like (B,), float64, in (0, inf]. Upper limit (the radius, length units).
 
     Returns:
-        np.ndarray (B,), float64: the natural log of the integral. Finite for every valid
-        input (no overflow: the result is assembled in log space).
+        np.ndarray (B,), float64: the natural log of the integral, assembled in log space (no
+        overflow for any n, a, b of practical size, e.g. a ≥ 1e-100, |b| ≤ 1e100).
 
     Raises:
-        ValueError: if any a ≤ 0 or non-finite, b non-finite, r ≤ 0 or NaN, or n < 1.
+        ValueError: if any a ≤ 0 or non-finite, b non-finite, r ≤ 0 or NaN, or n is not an
+            integer ≥ 1.
     """
     a, b, r = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (a, b, r)))
     shape = a.shape
     a, b, r = (np.ravel(x).copy() for x in (a, b, r))
     n = float(n)
-    if not np.isfinite(n) or n < 1:
-        raise ValueError(f"n must be a finite number ≥ 1, got {n!r}")
+    if not np.isfinite(n) or n < 1 or n != round(n):
+        raise ValueError(f"n must be an integer ≥ 1 (the dimension), got {n!r}")
     if np.any(~np.isfinite(a)) or np.any(a <= 0):
         raise ValueError(f"a must be finite and > 0, got {a[~(np.isfinite(a) & (a > 0))][:5]}")
     if np.any(~np.isfinite(b)):
@@ -98,16 +99,16 @@ def log_gaussian_ray_integral(a, b, n, r):
     m = n - 1.0
     # Maximiser of g on [0, inf): root of −a t + b + m/t = 0, written to avoid cancellation
     # (for n = 1 it is max(b/a, 0)).
-    disc = np.sqrt(b * b + 4.0 * a * m)
+    disc = np.hypot(b, 2.0 * np.sqrt(a * m))  # sqrt(b² + 4am) without overflow
     with np.errstate(divide="ignore", invalid="ignore"):
         t_star = np.where(b >= 0, (b + disc) / (2.0 * a), 2.0 * m / (disc - b))
     t_star = np.where(np.isfinite(t_star), t_star, 0.0)
     tp = np.minimum(t_star, r)  # peak of the integrand on [0, r]
-    # Scaled coordinate t = tp + s y with s = tp (or, for a peak at t = 0, n = 1 only, the
+    # Scaled coordinate t = tp + s y with s = tp (for n = 1, where there is no log term, the
     # shortest of r, the Gaussian width and the decay length): Δg(y) = g(t) − g(tp) is then
     # computed without cancellation (see _delta_g).
     with np.errstate(divide="ignore"):
-        s = np.where(tp > 0, tp, np.minimum(np.minimum(r, 1.0 / np.sqrt(a)), 1.0 / np.abs(b)))
+        s = tp if m > 0 else np.minimum(np.minimum(r, 1.0 / np.sqrt(a)), 1.0 / np.abs(b))
     A = a * s * s
     C = (b - a * tp) * s
     ratio = np.where(tp > 0, s / np.where(tp > 0, tp, 1.0), 0.0)
