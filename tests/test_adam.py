@@ -170,3 +170,16 @@ def test_rejects_state_without_adam_buffers():
     _train(model, opt, steps=1)
     with pytest.raises(ValueError, match="exp_avg_sq"):
         adam_moment(model, opt.state_dict())
+
+
+def test_string_state_keys_are_refused_not_zeroed():
+    """Regression: after a JSON round trip no key matched and every moment silently became 0."""
+    import torch as _torch
+    model = _torch.nn.Linear(3, 2)
+    opt = _torch.optim.Adam(model.parameters())
+    model(_torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    bad = {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
+    with pytest.raises(ValueError, match="none matches"):
+        adam_moment(model, bad)

@@ -100,3 +100,25 @@ def test_shape_errors():
         cost(torch.zeros(2, 10, dtype=torch.float64))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         lv.ExpectedKL(model, torch.rand(3, 5), batch_size=0)
+
+
+class _NaNAtPaddingLM(_TinyLM):
+    """Like models that mask attention with −inf: fully padded rows give NaN logits."""
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.out(torch.tanh(self.emb(input_ids)))
+        pad = (attention_mask == 0)[..., None]
+        return type("Out", (), {"logits": torch.where(pad, torch.full_like(logits, float("nan")), logits)})()
+
+
+def test_nan_logits_at_padding_do_not_leak_into_the_kl():
+    """Regression: losses * mask turned NaN × 0 into NaN for the whole cost."""
+    torch.manual_seed(2)
+    lm = _NaNAtPaddingLM().double()
+    ids = torch.randint(0, 11, (3, 4))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
+    cost = lv.ExpectedKL(lm, ids, attention_mask=mask)
+    anchor = parameters_to_vector(lm.parameters()).detach()
+    values = cost(torch.stack([anchor, anchor + 0.3]))
+    assert torch.isfinite(values).all() and float(values[0]) == pytest.approx(0.0, abs=1e-15)
+    assert float(values[1]) > 0

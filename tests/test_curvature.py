@@ -271,3 +271,12 @@ def test_hesscale_rejects_bad_shapes():
         hesscale_diagonal(model, torch.zeros(3, 4), targets=torch.tensor([0, 1, 2]))  # class 2 of 2
     with pytest.raises(ValueError, match="anchor_logits"):
         hesscale_diagonal(model, torch.zeros(3, 4), anchor_logits=torch.zeros(3, 3))
+
+
+def test_hesscale_refuses_a_weight_shared_by_two_layers():
+    """Regression: a shared weight kept one layer's block instead of the sum of both."""
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second)
+    with pytest.raises(ValueError, match="shares a parameter"):
+        hesscale_diagonal(model, torch.rand(5, 4), targets=torch.randint(0, 4, (5,)))

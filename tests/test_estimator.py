@@ -233,3 +233,36 @@ def test_markov_statement_and_units():
     assert d["log_volume"] == est.log_volume and d["n_samples"] == 10
     assert est.cost_evaluations == 1 + int(est.evaluations.sum())
     assert anchor.shape == (3,)
+
+
+def test_checkpoint_refuses_another_cost_sigma_order_or_eigenvectors(tmp_path):
+    """Regression: the resume fingerprint once ignored the cost, σ's order and the eigenvectors."""
+    n = 6
+    center = torch.linspace(-0.5, 0.5, n, dtype=torch.float64)
+    a_mat = torch.diag(torch.linspace(1, 3, n, dtype=torch.float64))
+    sigma = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+    ckpt = tmp_path / "c.npz"
+    kw = dict(cutoff=0.5, n_samples=8, progress=False, checkpoint_path=ckpt)
+    lv.estimate_log_volume(lv.QuadraticCost(a_mat, center), center, prior=lv.GaussianPrior(sigma), **kw)
+    with pytest.raises(ValueError, match="different cost"):
+        lv.estimate_log_volume(lv.QuadraticCost(100 * a_mat, center), center, prior=lv.GaussianPrior(sigma), **kw)
+    with pytest.raises(ValueError, match="different settings"):
+        lv.estimate_log_volume(lv.QuadraticCost(a_mat, center), center, prior=lv.GaussianPrior(sigma.flip(0)), **kw)
+    q1 = torch.eye(n, dtype=torch.float64)
+    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    lam = torch.linspace(1, 3, n, dtype=torch.float64)
+    ckpt2 = tmp_path / "d.npz"
+    kw2 = dict(kw, checkpoint_path=ckpt2)
+    cost = lv.QuadraticCost(a_mat, center)
+    lv.estimate_log_volume(cost, center, prior=lv.GaussianPrior(1.0),
+                           preconditioner=lv.MatrixPreconditioner.from_eigh(lam, q1, eps=0.0), **kw2)
+    with pytest.raises(ValueError, match="different settings"):
+        lv.estimate_log_volume(cost, center, prior=lv.GaussianPrior(1.0),
+                               preconditioner=lv.MatrixPreconditioner.from_eigh(lam, q2, eps=0.0), **kw2)
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
+    ckpt = tmp_path / "bad.npz"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        _bad_call(checkpoint_path=ckpt)

@@ -68,3 +68,11 @@ def test_diagonal_preconditioner_keeps_dtype():
 def test_bad_preconditioners_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_from_eigh_refuses_non_orthonormal_eigenvectors():
+    """Regression: a scaled V silently broke the unit determinant (log det P = −8.3 nats)."""
+    with pytest.raises(ValueError, match="orthonormal"):
+        lv.MatrixPreconditioner.from_eigh(torch.ones(6), 2 * torch.eye(6, dtype=torch.float64), eps=0.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        lv.MatrixPreconditioner.from_eigh(torch.ones(2), torch.full((2, 2), float("nan")), eps=0.0)

@@ -125,3 +125,21 @@ def test_sphere_area_and_ball_volume_closed_forms():
 def test_bad_input_names_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         log_gaussian_ray_integral(**kwargs)
+
+
+@pytest.mark.parametrize("b", [1e-200, 1e-158, 1e-30])
+def test_n1_with_tiny_positive_offset(b):
+    """Regression: A = b²/a underflowed and the window never closed (NaN or 0.0)."""
+    got = log_gaussian_ray_integral(1.0, b, 1, 1.0)
+    assert got == pytest.approx(math.log(math.sqrt(math.pi / 2) * math.erf(1 / math.sqrt(2))), rel=1e-10)
+
+
+def test_huge_offset_does_not_overflow():
+    # log ∫ t e^(−t²/2 + b t) dt ≈ b²/2 + log(b √(2π)) for huge b (b² itself overflows)
+    got = log_gaussian_ray_integral(1.0, 1e150, 2, math.inf)
+    assert got == pytest.approx(0.5e300, rel=1e-12)
+
+
+def test_non_integer_dimension_is_refused():
+    with pytest.raises(ValueError, match="integer"):
+        log_gaussian_ray_integral(1.0, 0.0, 2.5, 1.0)

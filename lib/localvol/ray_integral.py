@@ -110,7 +110,11 @@ def log_gaussian_ray_integral(a, b, n, r):
     with np.errstate(divide="ignore"):
         s = tp if m > 0 else np.minimum(np.minimum(r, 1.0 / np.sqrt(a)), 1.0 / np.abs(b))
     A = a * s * s
-    C = (b - a * tp) * s
+    # C = (b − a tp) s; at an interior peak b − a tp = −m/tp exactly (g'(tp) = 0), which avoids
+    # the cancellation of b − a tp when both are huge
+    interior = (t_star < r) & (m > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        C = np.where(interior, -m * s / np.where(tp > 0, tp, 1.0), (b - a * tp) * s)
     ratio = np.where(tp > 0, s / np.where(tp > 0, tp, 1.0), 0.0)
 
     def below_window(y):
@@ -151,10 +155,18 @@ def _delta_g(y, A, C, m, ratio):
 
 
 def _bisect(is_outside, y_in, y_out):
-    """Vectorised bisection for the window edge between y_in (inside) and y_out (outside)."""
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (y_in + y_out)
-        out = is_outside(mid)
-        y_in = np.where(out, y_in, mid)
-        y_out = np.where(out, mid, y_out)
-    return y_out
+    """Vectorised bisection for the window edge between y_in = 0 (inside) and y_out (outside).
+
+    Bisects |y| geometrically (between 1e-300 and |y_out|): peak widths range from ~1e-150 to
+    ~1e150 in y units, beyond the reach of a linear bisection.
+    """
+    sign = np.sign(y_out)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo = np.full_like(y_out, np.log(1e-300))  # log|y| inside the window
+        hi = np.log(np.abs(y_out))  # log|y| outside
+        for _ in range(_BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            out = is_outside(sign * np.exp(mid))
+            lo = np.where(out, lo, mid)
+            hi = np.where(out, mid, hi)
+        return sign * np.exp(hi)
