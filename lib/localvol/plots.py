@@ -48,7 +48,7 @@ def figure1(summary: dict, samples: dict[str, np.ndarray], *, bins: int = 40,
     finite = df[np.isfinite(df["log10_probability"])]
     sns.histplot(data=finite, x="log10_probability", hue="preconditioner", hue_order=labels,
                  palette=palette, bins=bins, common_bins=False, common_norm=False,
-                 stat="probability", element="step", fill=True, alpha=0.25, ax=ax)
+                 stat="probability", element="step", fill=False, linewidth=1.3, ax=ax)
     for r in summary["estimates"].values():
         ax.axvline(r["log10_volume"], color=palette[r["label"]], linestyle="--", linewidth=1.2)
     ax.set_xlabel("log10 probability of the KL neighbourhood (per sample)")
@@ -66,7 +66,8 @@ def figure1_caption(summary: dict) -> str:
         f"Figure 1 (replication). Local volume of the digits MLP (N = {c['n_params']:,} "
         f"parameters): histograms of per-sample log10 probability (naive k = "
         f"{c['n_samples_naive']:,}, each preconditioner k = {k_pre:,}); dashed lines are the "
-        f"aggregated estimates (logsumexp − log k). Cost: mean KL from the anchor over the "
+        f"aggregated estimates (logsumexp − log k); in N = {c['n_params']:,} dimensions they sit "
+        f"at the largest sample (paper eq. 13), far right of each histogram's bulk. Cost: mean KL from the anchor over the "
         f"{c['n_heldout']} held-out images, cutoff {c['cutoff']:g} nats. Measure: Gaussian "
         f"N(0, σ²I) centred at the origin with σ = {c['sigma']:.4f}, the L2 penalty of the "
         f"training loss read as a prior (σ = 1/sqrt(l2 · n_train), as the paper's code did; not "
@@ -135,3 +136,137 @@ def plot_stage(
     with atomic_path(table_md) as tmp:
         tmp.write_text(markdown)
     return {"figure": fig, "table": table, "caption": caption}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pythia across training: Figures 2, 4 and 6 (stage plot_pythia; localvol.pythia)
+# ---------------------------------------------------------------------------------------------
+
+
+def pythia_table(summary: dict) -> pd.DataFrame:
+    """One row per Pythia estimate: figure, series, step, cutoff, k, aggregate, prior term,
+    neighbourhood term (log10), largest sample, seconds and cost evaluations per sample."""
+    rows = []
+    for key, r in summary["estimates"].items():
+        rows.append({"key": key, "figure": r["figure"], "series": r["series"], "step": r["step"],
+                     "cutoff": r["cutoff"], "k": r["n_samples"],
+                     "log10_volume": r["log10_volume"],
+                     "log10_prior_term": r["log10_prior_at_anchor"],
+                     "log10_neighbourhood": r["log10_neighbourhood"],
+                     "max_sample_log10": r["max_sample_log10"], "anchor_rms": r["anchor_rms"],
+                     "seconds_per_sample": r["seconds_per_sample"],
+                     "cost_evaluations_per_sample": r["cost_evaluations_per_sample"]})
+    return pd.DataFrame(rows)
+
+
+def pythia_figure2(summary: dict, samples: dict[str, np.ndarray], *, bins: int = 10,
+                   width: float = 8.0, height: float = 4.0) -> plt.Figure:
+    """Figure 2: per-sample histograms at the final checkpoint with dashed aggregates."""
+    keys = [k for k, r in summary["estimates"].items() if r["figure"] == 2]
+    sub = {"estimates": {k: {"label": summary["estimates"][k]["series"],
+                             "log10_volume": summary["estimates"][k]["log10_volume"]}
+                         for k in keys}}
+    fig = figure1(sub, samples, bins=bins, width=width, height=height)
+    step = summary["estimates"][keys[0]]["step"]
+    fig.axes[0].set_title(f"step {step} (final), N = {summary['config']['n_params']:,}")
+    return fig
+
+
+def pythia_figure4(summary: dict, *, width: float = 11.0, height: float = 4.0) -> plt.Figure:
+    """Figure 4: aggregate log10 probability at every checkpoint (left) and its split into the
+    prior term −|θ0|²/(2σ² ln 10) and the neighbourhood term (right; REPLICATION.md §7.5).
+    Steps on a log axis (step 0 drawn at 0.5)."""
+    df = pythia_table(summary)
+    df = df[df["figure"] == 4].copy()
+    df["x"] = df["step"].where(df["step"] > 0, 0.5)
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(1, 2, figsize=(width, height), layout="constrained")
+    for series, g in df.groupby("series", sort=False):
+        axes[0].plot(g["x"], g["log10_volume"], marker="o", label=series)
+        axes[1].plot(g["x"], g["log10_neighbourhood"], marker="o", label=f"neighbourhood, {series}")
+    prior = df.drop_duplicates("step")
+    axes[1].plot(prior["x"], prior["log10_prior_term"], color="k", linestyle="--", marker=".",
+                 label="prior term −|θ0|²/(2σ²)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("training step (0 plotted at 0.5)")
+    axes[0].set_ylabel("log10 probability (aggregate)")
+    axes[1].set_ylabel("log10 (terms of the aggregate)")
+    axes[0].legend()
+    axes[1].legend(fontsize="small")
+    return fig
+
+
+def pythia_figure6(summary: dict, *, width: float = 7.0, height: float = 4.5) -> plt.Figure:
+    """Figure 6: aggregate log10 probability vs cutoff at the final checkpoint, with the
+    reference line of slope N/2 (log10 units per decade) through the naive estimate at the
+    middle cutoff."""
+    df = pythia_table(summary)
+    df = df[df["figure"] == 6]
+    n = summary["config"]["n_params"]
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+    for series, g in df.groupby("series", sort=False):
+        ax.plot(g["cutoff"], g["log10_volume"], marker="o", label=series)
+    naive = df[df["series"] == "naive"].sort_values("cutoff")
+    mid = naive.iloc[len(naive) // 2]
+    c = np.array(sorted(df["cutoff"].unique()))
+    ax.plot(c, mid["log10_volume"] + (n / 2) * (np.log10(c) - math.log10(mid["cutoff"])),
+            color="k", linewidth=0.8, label="slope N/2")
+    prior = df["log10_prior_term"].iloc[0]
+    ax.axhline(prior, color="grey", linestyle=":", label="prior term")
+    ax.set_xscale("log")
+    ax.set_xlabel("cutoff (nats of mean KL)")
+    ax.set_ylabel("log10 probability (aggregate)")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def pythia_caption(summary: dict) -> str:
+    c, t = summary["config"], summary["eval_tokens"]
+    src = ("a scaled-down Pythia-architecture GPT-NeoX trained here on pydoc_data.topics (local "
+           "source; NOT EleutherAI's Pythia-31M)" if c["source"] == "local" else
+           "EleutherAI/pythia-31m hub checkpoints")
+    return (
+        f"Pythia replication ({src}; N = {c['n_params']:,} parameters, steps {c['steps']}). "
+        f"Cost: mean KL from the checkpoint over {t['n_real_tokens']:,} real tokens of "
+        f"{c['n_eval_docs']} evaluation documents ({t['n_padding_tokens']:,} padding positions "
+        f"excluded), float32. Prior N(0, σ²I), σ = {c['sigma']:.5g} = RMS of the step-0 "
+        f"parameters. Adam ν from {c['adam_source']}, ε = {c['adam_eps']:g}, exponent "
+        f"{c['exponent']:g}. Figure 2: k = {c['k_histogram']}; Figure 4: k = "
+        f"{c['k_checkpoints']} per point; Figure 6: k = {c['k_cutoffs']} per point. Plotted: "
+        f"aggregates logsumexp − log k (not the largest sample, REPLICATION.md §7.4)."
+    )
+
+
+def pythia_plot_stage(*, estimates_path: str, samples_path: str, figure2_png: str,
+                      figure4_png: str, figure6_png: str, table_csv: str, table_md: str,
+                      bins: int, dpi: int) -> dict[str, Any]:
+    """Run the ``plot_pythia`` stage: Figures 2, 4, 6 (PNG and PDF beside it), the table of
+    all aggregates (CSV, Markdown with caption and the squared-gradient comparison)."""
+    summary = json.loads(Path(estimates_path).read_text())
+    with np.load(samples_path) as z:
+        samples = {k: z[k] for k in z.files if k.endswith("__samples")}
+    figs = {"figure2": pythia_figure2(summary, samples, bins=bins),
+            "figure4": pythia_figure4(summary), "figure6": pythia_figure6(summary)}
+    for name, png in (("figure2", figure2_png), ("figure4", figure4_png), ("figure6", figure6_png)):
+        _savefig(figs[name], png, dpi)
+        _savefig(figs[name], Path(png).with_suffix(".pdf"), dpi)
+    table = pythia_table(summary)
+    with atomic_path(table_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.8g")
+    caption = pythia_caption(summary)
+    comparison = summary.get("squared_gradient_comparison") or {}
+    comp = "".join(f"- {k}: {v:.6g}\n" if isinstance(v, float) else f"- {k}: {v}\n"
+                   for k, v in comparison.items())
+    shown = table.drop(columns=["key"])
+    markdown = (
+        "# Pythia aggregates (Figures 2, 4, 6)\n\n"
+        + shown.to_markdown(index=False, floatfmt=".6g")
+        + "\n\nlog10 values; `log10_prior_term` = −|θ0|²/(2σ² ln 10); `log10_neighbourhood` = "
+        "aggregate − prior term (REPLICATION.md §7.5).\n\n" + caption + "\n"
+        + (f"\n## Squared-gradient ν vs the true Adam ν (final checkpoint)\n\n{comp}" if comp else "")
+    )
+    with atomic_path(table_md) as tmp:
+        tmp.write_text(markdown)
+    return {"figures": figs, "table": table, "caption": caption}
