@@ -60,7 +60,22 @@ def unit_determinant_scales(values: torch.Tensor, eps: float, exponent: float = 
     return torch.exp(log_p - log_p.mean())
 
 
-class DiagonalPreconditioner:
+class _UnitDeterminant:
+    """Shared state of the preconditioners: scales p (eq. 17-18), eps, exponent."""
+
+    def _set_scales(self, spectrum, eps: float, exponent: float) -> None:
+        self.scales = unit_determinant_scales(spectrum, eps, exponent)  # (N,) float64
+        self.eps, self.exponent = eps, exponent
+
+    @property
+    def n(self) -> int:
+        return self.scales.numel()
+
+    def __repr__(self):
+        return f"{type(self).__name__}(n={self.n}, eps={self.eps}, exponent={self.exponent})"
+
+
+class DiagonalPreconditioner(_UnitDeterminant):
     """P = diag(p), p from a vector s by eq. 18 (diag(H), HesScale, Adam μ or ν).
 
     Args:
@@ -72,22 +87,14 @@ class DiagonalPreconditioner:
     """
 
     def __init__(self, values, eps: float, exponent: float = 0.5):
-        self.scales = unit_determinant_scales(values, eps, exponent)  # (N,) float64
-        self.eps, self.exponent = eps, exponent
-
-    @property
-    def n(self) -> int:
-        return self.scales.numel()
+        self._set_scales(values, eps, exponent)
 
     def apply(self, u: torch.Tensor) -> torch.Tensor:
         _check_batch(u, self.n)
         return u * self.scales.to(u.device, u.dtype)
 
-    def __repr__(self):
-        return f"DiagonalPreconditioner(n={self.n}, eps={self.eps}, exponent={self.exponent})"
 
-
-class MatrixPreconditioner:
+class MatrixPreconditioner(_UnitDeterminant):
     """P = V diag(p) Vᵀ from a symmetric matrix H = V diag(λ) Vᵀ, p from λ by eq. 17.
 
     This is eq. 16-17 applied correctly; the paper's code omitted the final V (see
@@ -138,13 +145,8 @@ class MatrixPreconditioner:
         return self
 
     def _init(self, eigenvalues, eigenvectors, eps, exponent):
-        self.scales = unit_determinant_scales(eigenvalues, eps, exponent)  # (N,) float64
+        self._set_scales(eigenvalues, eps, exponent)
         self.eigenvectors = eigenvectors.double()  # (N, N), columns
-        self.eps, self.exponent = eps, exponent
-
-    @property
-    def n(self) -> int:
-        return self.scales.numel()
 
     def apply(self, u: torch.Tensor) -> torch.Tensor:
         """v = V diag(p) Vᵀ u for each row u of (B, N); computed in float64, returned in u's dtype."""
@@ -152,9 +154,6 @@ class MatrixPreconditioner:
         V = self.eigenvectors.to(u.device)
         coords = u.double() @ V  # (B, N): Vᵀ u per row
         return ((coords * self.scales.to(u.device)) @ V.T).to(u.dtype)
-
-    def __repr__(self):
-        return f"{type(self).__name__}(n={self.n}, eps={self.eps}, exponent={self.exponent})"
 
 
 class PaperMatrixPreconditioner(MatrixPreconditioner):
