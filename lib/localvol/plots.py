@@ -20,7 +20,8 @@ import seaborn as sns
 from localvol.figure1 import aggregates_table
 from localvol.stages import atomic_path
 
-__all__ = ["figure1", "figure1_caption", "training_curves", "plot_stage"]
+__all__ = ["figure1", "figure1_caption", "training_curves", "plot_stage", "pythia_plot_stage",
+           "convnext_plot_stage"]
 
 LN10 = math.log(10.0)
 
@@ -266,6 +267,157 @@ def pythia_plot_stage(*, estimates_path: str, samples_path: str, figure2_png: st
         + "\n\nlog10 values; `log10_prior_term` = −|θ0|²/(2σ² ln 10); `log10_neighbourhood` = "
         "aggregate − prior term (REPLICATION.md §7.5).\n\n" + caption + "\n"
         + (f"\n## Squared-gradient ν vs the true Adam ν (final checkpoint)\n\n{comp}" if comp else "")
+    )
+    with atomic_path(table_md) as tmp:
+        tmp.write_text(markdown)
+    return {"figures": figs, "table": table, "caption": caption}
+
+
+# ---------------------------------------------------------------------------------------------
+# ConvNeXt V2 Atto on CIFAR-10, clean and poisoned: Figures 3, 5 and 7 (stage plot_convnext)
+# ---------------------------------------------------------------------------------------------
+
+
+def convnext_table(summary: dict) -> pd.DataFrame:
+    """One row per ConvNeXt estimate: figure, run, series, step, cutoff, k, aggregate, prior
+    and neighbourhood terms (log10), largest sample, seconds and evaluations per sample."""
+    rows = []
+    for key, r in summary["estimates"].items():
+        rows.append({"key": key, "figure": r["figure"], "run": r["run"], "series": r["series"],
+                     "step": r["step"], "cutoff": r["cutoff"], "k": r["n_samples"],
+                     "log10_volume": r["log10_volume"],
+                     "log10_prior_term": r["log10_prior_at_anchor"],
+                     "log10_neighbourhood": r["log10_neighbourhood"],
+                     "max_sample_log10": r["max_sample_log10"], "anchor_rms": r["anchor_rms"],
+                     "seconds_per_sample": r["seconds_per_sample"],
+                     "cost_evaluations_per_sample": r["cost_evaluations_per_sample"]})
+    return pd.DataFrame(rows)
+
+
+def _data_label(summary: dict) -> str:
+    src = summary["config"]["source"]
+    return "CIFAR-10, JPEG copy" if src.startswith("JPEG copy") else "CIFAR-10"
+
+
+def convnext_figure3(summary: dict, samples: dict[str, np.ndarray], *, bins: int = 10,
+                     width: float = 9.0, height: float = 4.0) -> plt.Figure:
+    """Figure 3: per-sample histograms at the final checkpoint (clean and poisoned, naive and
+    Adam ν) with dashed aggregates."""
+    keys = [k for k, r in summary["estimates"].items() if r["figure"] == 3]
+    sub = {"estimates": {k: {"label": summary["estimates"][k]["series"],
+                             "log10_volume": summary["estimates"][k]["log10_volume"]}
+                         for k in keys}}
+    fig = figure1(sub, samples, bins=bins, width=width, height=height)
+    step = summary["estimates"][keys[0]]["step"]
+    fig.axes[0].set_title(f"ConvNeXt V2 Atto, {_data_label(summary)}: step {step} (final), "
+                          f"N = {summary['config']['n_params']:,}")
+    return fig
+
+
+def convnext_figure5(summary: dict, *, width: float = 11.0, height: float = 8.0) -> plt.Figure:
+    """Figure 5: aggregate log10 probability at every checkpoint (top left), its prior and
+    neighbourhood terms (top right, REPLICATION.md §7.5), and the training curves, accuracy and
+    loss on the fixed clean, poison and validation subsets (bottom). Steps on a log axis."""
+    df = convnext_table(summary)
+    df = df[df["figure"] == 5]
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(2, 2, figsize=(width, height), layout="constrained", sharex=True)
+    (a, b), (c, d) = axes
+    for series, g in df.groupby("series", sort=False):
+        a.plot(g["step"], g["log10_volume"], marker="o", label=series)
+        b.plot(g["step"], g["log10_neighbourhood"], marker="o", label=f"neighbourhood, {series}")
+    for run, g in df.drop_duplicates(["run", "step"]).groupby("run", sort=False):
+        b.plot(g["step"], g["log10_prior_term"], linestyle="--", color="k" if run == "clean" else "grey",
+               marker=".", label=f"prior term, {run}")
+    styles = {"clean": "-", "poisoned": "--"}
+    for run, r in summary["config"]["runs"].items():
+        h = pd.DataFrame(r["history"])
+        h = h[h["step"] > 0]
+        for subset, color in zip(("clean", "poison", "val"), sns.color_palette("tab10", 3)):
+            kw = dict(color=color, linestyle=styles.get(run, ":"), marker=".")
+            c.plot(h["step"], h[f"{subset}_accuracy"], label=f"{run} net, {subset} images", **kw)
+            d.plot(h["step"], h[f"{subset}_loss"], label=f"{run} net, {subset} images", **kw)
+    a.set_ylabel("log10 probability (aggregate)")
+    b.set_ylabel("log10 (terms of the aggregate)")
+    c.set_ylabel("accuracy")
+    d.set_ylabel("cross-entropy (nats)")
+    for ax in axes.flat:
+        ax.set_xscale("log")
+    for ax in (c, d):
+        ax.set_xlabel("training step")
+    a.legend(fontsize="small")
+    b.legend(fontsize="x-small")
+    c.legend(fontsize="x-small")
+    a.set_title(f"ConvNeXt V2 Atto, {_data_label(summary)}")
+    return fig
+
+
+def convnext_figure7(summary: dict, *, width: float = 7.0, height: float = 4.5) -> plt.Figure:
+    """Figure 7: aggregate log10 probability vs cutoff at the final checkpoint (four series),
+    with the slope-N/2 reference line (log10 per decade) through the clean naive estimate at
+    the middle cutoff, and each run's prior term."""
+    df = convnext_table(summary)
+    df = df[df["figure"] == 7]
+    n = summary["config"]["n_params"]
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+    for series, g in df.groupby("series", sort=False):
+        ax.plot(g["cutoff"], g["log10_volume"], marker="o", label=series)
+    ref = df[df["key"].str.startswith(f"cutoff_{df['run'].iloc[0]}_naive")].sort_values("cutoff")
+    mid = ref.iloc[len(ref) // 2]
+    cut = np.array(sorted(df["cutoff"].unique()))
+    ax.plot(cut, mid["log10_volume"] + (n / 2) * (np.log10(cut) - math.log10(mid["cutoff"])),
+            color="k", linewidth=0.8, label="slope N/2")
+    for run, g in df.groupby("run", sort=False):
+        ax.axhline(g["log10_prior_term"].iloc[0], color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("cutoff (nats of mean KL)")
+    ax.set_ylabel("log10 probability (aggregate)")
+    ax.set_title(f"ConvNeXt V2 Atto, {_data_label(summary)} (dotted: prior terms)")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def convnext_caption(summary: dict) -> str:
+    c = summary["config"]
+    runs = ", ".join(f"{k} (poison probability {v['poison_probability']:g})" for k, v in c["runs"].items())
+    return (
+        f"ConvNeXt V2 Atto (N = {c['n_params']:,}) on {c['source']}"
+        + (" — results from the JPEG copy are not bit-comparable to the original CIFAR-10"
+           if c["source"].startswith("JPEG copy") else "")
+        + f". Runs: {runs}; checkpoints at steps {c['steps']}. Cost: mean KL from the "
+        f"checkpoint over {c['n_eval']} test images, float32. Prior N(0, σ²I), σ = "
+        f"{c['sigma']:.5g} = RMS of the initial parameters. Adam ν preconditioner, ε = "
+        f"{c['adam_eps']:g}, exponent {c['exponent']:g}. Figure 3: k = {c['k_histogram']}; "
+        f"Figure 5: k = {c['k_checkpoints']} per point; Figure 7: k = {c['k_cutoffs']} per point. "
+        "Plotted: aggregates logsumexp − log k (not the largest sample, REPLICATION.md §7.4)."
+    )
+
+
+def convnext_plot_stage(*, estimates_path: str, samples_path: str, figure3_png: str,
+                        figure5_png: str, figure7_png: str, table_csv: str, table_md: str,
+                        bins: int, dpi: int) -> dict[str, Any]:
+    """Run the ``plot_convnext`` stage: Figures 3, 5, 7 (PNG and PDF beside it) and the table
+    of all aggregates (CSV; Markdown with the caption and the final training metrics)."""
+    summary = json.loads(Path(estimates_path).read_text())
+    with np.load(samples_path) as z:
+        samples = {k: z[k] for k in z.files if k.endswith("__samples")}
+    figs = {"figure3": convnext_figure3(summary, samples, bins=bins),
+            "figure5": convnext_figure5(summary), "figure7": convnext_figure7(summary)}
+    for name, png in (("figure3", figure3_png), ("figure5", figure5_png), ("figure7", figure7_png)):
+        _savefig(figs[name], png, dpi)
+        _savefig(figs[name], Path(png).with_suffix(".pdf"), dpi)
+    table = convnext_table(summary)
+    with atomic_path(table_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.8g")
+    final = pd.DataFrame([{"run": run, **r["history"][-1]} for run, r in summary["config"]["runs"].items()])
+    caption = convnext_caption(summary)
+    markdown = (
+        f"# ConvNeXt aggregates (Figures 3, 5, 7; {_data_label(summary)})\n\n"
+        + table.drop(columns=["key"]).to_markdown(index=False, floatfmt=".6g")
+        + "\n\nlog10 values; `log10_prior_term` = −|θ0|²/(2σ² ln 10); `log10_neighbourhood` = "
+        "aggregate − prior term (REPLICATION.md §7.5).\n\n## Final checkpoint, training metrics\n\n"
+        + final.to_markdown(index=False, floatfmt=".4g") + "\n\n" + caption + "\n"
     )
     with atomic_path(table_md) as tmp:
         tmp.write_text(markdown)

@@ -36,7 +36,6 @@ estimate's prior term −|θ0|²/(2σ²) and neighbourhood term are stored separ
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -49,6 +48,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from localvol.records import run_estimate
 from localvol.stages import save_npz_atomic, write_json_atomic
 
 __all__ = [
@@ -71,7 +71,6 @@ __all__ = [
     "estimate_stage",
 ]
 
-LN10 = math.log(10.0)
 EOS_TOKEN = "<|endoftext|>"  # id 0
 MANIFEST = "manifest.json"
 
@@ -523,10 +522,6 @@ def _flat(model) -> torch.Tensor:
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
 
 
-def _ckpt_name(*parts) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16] + ".npz"
-
-
 def estimate_stage(
     *,
     checkpoints_dir: str,
@@ -622,27 +617,13 @@ def estimate_stage(
     arrays: dict[str, np.ndarray] = {}
 
     def run(key, model, anchor, cost, *, k, cut, nu=None, eps=None, meta=None):
-        precond = None if nu is None else localvol.DiagonalPreconditioner(nu, eps, exponent)
-        t0 = time.perf_counter()
-        est = localvol.estimate_log_volume(
-            cost, anchor, cutoff=cut, n_samples=k, prior=prior, preconditioner=precond,
-            rtol=rtol, batch_size=direction_batch_size, seed=seed, progress=progress,
-            checkpoint_path=Path(checkpoint_dir) / _ckpt_name(
-                key, float(anchor.double().sum()), cut, k, eps, seed, rtol, sigma, exponent,
-                None if nu is None else float(nu.double().sum())))
-        d = est.to_dict()
-        d.update(meta or {})
-        d["log10_neighbourhood"] = d["log_neighbourhood"] / LN10
-        d["seconds_per_sample"] = (time.perf_counter() - t0) / k
-        d["cost_evaluations_per_sample"] = est.cost_evaluations / k
-        results[key] = d
-        arrays[f"{key}__samples"] = est.samples
-        arrays[f"{key}__radii"] = est.radii
-        if progress:
-            print(f"{key}: log10 volume {est.log10_volume:.6g} (prior {d['log10_prior_at_anchor']:.6g}, "
-                  f"neighbourhood {d['log10_neighbourhood']:.6g}), {d['seconds_per_sample']:.2f} s/sample",
-                  flush=True)
-        return est
+        record, arr = run_estimate(cost, anchor, prior=prior, cutoff=cut, n_samples=k, nu=nu,
+                                   eps=eps, exponent=exponent, rtol=rtol, seed=seed,
+                                   batch_size=direction_batch_size, progress_dir=checkpoint_dir,
+                                   key=key, meta=meta, progress=progress)
+        results[key] = record
+        arrays.update(arr)
+        return record
 
     adam_label = "Adam ν" if adam_source == "optimizer_state" else "Adam ν (squared-gradient EMA)"
     comparison = {}
@@ -679,13 +660,13 @@ def estimate_stage(
             t0 = time.perf_counter()
             nu_sq = sq_nu(model)
             sq_time = time.perf_counter() - t0
-            est = run("hist_sqgrad", model, anchor, cost, k=k_histogram, cut=cutoff, nu=nu_sq,
+            rec = run("hist_sqgrad", model, anchor, cost, k=k_histogram, cut=cutoff, nu=nu_sq,
                       eps=adam_eps, meta={**base, "series": f"squared-gradient EMA ν, ε={adam_eps:g}",
                                           "figure": 2})
             comparison = _compare_moments(nu, nu_sq, adam_eps, exponent)
             comparison.update({
                 "log10_volume_true_nu": results["hist_adam"]["log10_volume"],
-                "log10_volume_squared_gradients": est.log10_volume,
+                "log10_volume_squared_gradients": rec["log10_volume"],
                 "log10_volume_naive": results["hist_naive"]["log10_volume"],
                 "squared_gradient_wall_time_s": sq_time,
             })

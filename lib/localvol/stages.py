@@ -276,8 +276,8 @@ def apply_profile(profile: str | Path, params_yaml: str | Path = "params.yaml") 
             dotted = f"{prefix}{key}"
             if key not in node:
                 raise KeyError(f"profile {profile}: {dotted!r} is not a key of {params_yaml}")
-            if isinstance(value, dict) and isinstance(node[key], dict):
-                merge(node[key], value, dotted + ".")
+            if isinstance(value, dict) and isinstance(node[key], dict) and node[key]:
+                merge(node[key], value, dotted + ".")  # (an empty mapping is replaced whole)
             else:
                 node[key] = value
                 changed.append(dotted)
