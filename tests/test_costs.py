@@ -35,16 +35,23 @@ def test_expected_kl_matches_hand_computation_and_is_zero_at_anchor():
     np.testing.assert_allclose(got[1:], want, rtol=1e-10)
 
 
-def test_vmap_and_one_at_a_time_agree():
-    model = _mlp()
-    x = torch.rand(9, 5, dtype=torch.float64)
-    cost = lv.ExpectedKL(model, x)
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_vmap_and_one_at_a_time_agree(kind):
+    """vectorize=True (vmap over directions; convolutions become grouped ones) and
+    vectorize=False (a loop) are two independent evaluations of the same costs."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, x = _mlp(), torch.rand(9, 5, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 4, 3, groups=4),
+                              nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).double()
+        x = torch.rand(7, 3, 8, 8, dtype=torch.float64)
     anchor = parameters_to_vector(model.parameters()).detach()
     thetas = anchor + 0.1 * torch.randn(4, anchor.numel(), dtype=torch.float64)
-    batched = cost(thetas)
-    cost._vmap_ok = False
-    looped = cost(thetas)
-    np.testing.assert_allclose(batched.numpy(), looped.numpy(), rtol=1e-12)
+    batched = lv.ExpectedKL(model, x, batch_size=3)(thetas)
+    looped = lv.ExpectedKL(model, x, batch_size=3, vectorize=False)(thetas)
+    assert bool((batched > 0).all())
+    np.testing.assert_allclose(batched.numpy(), looped.numpy(), rtol=1e-10)
 
 
 class _TinyLM(nn.Module):

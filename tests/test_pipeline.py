@@ -67,7 +67,7 @@ def test_dvc_yaml_structure():
         assert executed and next(iter(executed[0].values())) == {"cache": False}
     assert set(params) >= {"digits", "train_mlp", "estimate_mlp", "plot_mlp"}
     metrics = [m for s in dvc["stages"].values() for m in s.get("metrics", [])]
-    assert len(metrics) == 3  # train_mlp, estimate_mlp, estimate_pythia
+    assert len(metrics) == 5  # train_mlp, estimate_mlp, estimate_pythia, train/estimate_convnext
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    shared = REPO.parent / "shared"  # ../shared/data/ (the Pythia tokenizer) beside the clone
+    shared = REPO.parent / "shared"  # ../shared/data/ (tokenizer, CIFAR-10 JPEGs) beside the clone
     if shared.exists():
         (tmp_path / "shared").symlink_to(shared)
     run(["git", "init", "-q"], work)  # DVC's repo is a git repo; no commit is needed
@@ -97,17 +97,20 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
         "the written raw data must hash to the committed data.dvc"
     out = run([dvc, "repro"], work)
     for stage in ("split_digits", "train_mlp", "estimate_mlp", "plot_mlp", "fetch_pythia",
-                  "estimate_pythia", "plot_pythia"):
+                  "estimate_pythia", "plot_pythia", "prepare_cifar", "train_convnext",
+                  "estimate_convnext", "plot_convnext"):
         assert f"Running stage '{stage}'" in out
         assert (work / "results" / "notebooks" / f"{stage}.ipynb").exists()
     for name in ("figure1_mlp.png", "figure1_mlp.pdf", "figure1_mlp_aggregates.csv",
                  "figure1_mlp_aggregates.md", "figure2_pythia.png", "figure4_pythia.png",
-                 "figure6_pythia.png", "pythia_aggregates.md"):
+                 "figure6_pythia.png", "pythia_aggregates.md", "figure3_convnext.png",
+                 "figure5_convnext.pdf", "figure7_convnext.png", "convnext_aggregates.md"):
         assert (work / "figures" / name).stat().st_size > 0, name
 
     metrics = json.loads(run([dvc, "metrics", "show", "--json"], work))
     text = json.dumps(metrics)
-    for key in ("naive", "hessian_e1", "log10_volume", "heldout_accuracy"):
+    for key in ("naive", "hessian_e1", "log10_volume", "heldout_accuracy", "poisoned_smaller_naive",
+                "val_accuracy"):
         assert key in text, key
 
     # nothing changed: nothing runs

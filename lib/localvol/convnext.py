@@ -28,7 +28,8 @@ Training (stage ``train_convnext``, :func:`train_stage`), one run per entry of `
   accuracy and loss on fixed clean, poison and validation subsets (the Figure 5 curves).
 
 Estimates (stage ``estimate_convnext``, :func:`estimate_stage`): cost = mean KL from the
-checkpoint over ``n_eval`` test images (float32, never the paper's float16: §7.3), prior
+checkpoint over ``n_eval`` test images (float32, float64 for the smallest cutoffs; never the
+paper's float16: §7.3), prior
 N(0, σ²I) with σ = RMS of the initial parameters, naive and Adam-ν preconditioned
 (p ∝ 1/(ν^0.5 + ε)). Figure 3: final checkpoint; Figure 5: every checkpoint; Figure 7: the
 cutoff sweep. Aggregates and the prior / neighbourhood split are stored for every estimate.
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from localvol.cifar import load_prepared
-from localvol.records import run_estimate
+from localvol.records import check_stage_settings, run_estimate, time_cost_call
 from localvol.stages import save_npz_atomic, write_json_atomic
 
 __all__ = ["ATTO_CONFIG", "ATTO_N_PARAMS", "make_model", "log_spaced_steps", "poison_loss",
@@ -255,9 +256,10 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
         d = run_dir / f"step{start}"
         model = ConvNextV2ForImageClassification.from_pretrained(d).float().to(device)
         opt = torch.optim.AdamW(_decay_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=adam_eps)
-        opt.load_state_dict(torch.load(d / "optimizer.pt", map_location=device))
         sched = get_cosine_schedule_with_warmup(opt, warmup, max_steps)
         sched.load_state_dict(torch.load(d / "scheduler.pt"))
+        # after the scheduler, whose constructor resets each group's lr to the step-0 value
+        opt.load_state_dict(torch.load(d / "optimizer.pt", map_location=device))
         history = [json.loads((run_dir / f"step{s}" / "metrics.json").read_text()) for s in done]
         if progress:
             print(f"{run_dir}: resuming at step {start}", flush=True)
@@ -366,22 +368,25 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
                    data_batch_size: int, direction_batch_size: int, vectorize: bool,
                    cutoff: float, rtol: float, seed: int, exponent: float, adam_eps: float,
                    k_checkpoints: int, k_histogram: int, cutoffs: list[float], k_cutoffs: int,
-                   progress: bool = True) -> dict[str, Any]:
+                   float64_below: float, progress: bool = True) -> dict[str, Any]:
     """Run the ``estimate_convnext`` stage (module docstring): for each run, naive and Adam ν
     estimates at every checkpoint after step 0 (Figure 5, k_checkpoints), at the final one with
-    k_histogram (Figure 3) and across ``cutoffs`` (Figure 7, k_cutoffs). Writes the estimates
-    JSON, the metrics JSON and per-sample NPZ; returns the estimates JSON."""
+    k_histogram (Figure 3) and across ``cutoffs`` (Figure 7, k_cutoffs). The KL is evaluated in
+    float32, except for cutoffs below ``float64_below`` (nats), where a float64 copy of the
+    network evaluates it: float32 rounding leaves the KL a few 1e-8 nats of noise (it can even
+    come out negative), too close to a cutoff of 1e-6. Writes the estimates JSON, the metrics
+    JSON and per-sample NPZ; returns the estimates JSON."""
+    import copy
+
     import localvol
 
-    for name, v in {"n_eval": n_eval, "data_batch_size": data_batch_size,
-                    "direction_batch_size": direction_batch_size, "k_checkpoints": k_checkpoints,
-                    "k_histogram": k_histogram, "k_cutoffs": k_cutoffs}.items():
-        if v < 1:
-            raise ValueError(f"{name} must be ≥ 1, got {v}")
-    if not cutoffs or any(not (c > 0) for c in cutoffs) or any(b <= a for a, b in zip(cutoffs, cutoffs[1:])):
-        raise ValueError(f"cutoffs must be positive and increasing, got {cutoffs}")
+    check_stage_settings(cutoffs=cutoffs, n_eval=n_eval, data_batch_size=data_batch_size,
+                         direction_batch_size=direction_batch_size, k_checkpoints=k_checkpoints,
+                         k_histogram=k_histogram, k_cutoffs=k_cutoffs)
     if adam_eps < 0:
         raise ValueError(f"adam_eps must be ≥ 0, got {adam_eps}")
+    if not float64_below >= 0:
+        raise ValueError(f"float64_below must be ≥ 0 (nats), got {float64_below}")
     data = load_prepared(dataset_path)
     if n_eval > len(data["eval_idx"]):
         raise ValueError(f"n_eval {n_eval} > the {len(data['eval_idx'])} evaluation images prepared")
@@ -399,25 +404,36 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
     results: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
     kl_time = None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for run in runs:
         for step in steps[1:]:
             model, state = load_checkpoint(checkpoints_dir, run, step)
-            anchor = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-            nu = localvol.adam_moment(model, state, order=2).float()
+            model.to(device)
+            anchor = torch.nn.utils.parameters_to_vector(model.parameters()).detach()  # (N,) float32
+            nu = localvol.adam_moment(model, state, order=2).float()  # on the model's device
             cost = localvol.ExpectedKL(model, x, batch_size=data_batch_size, vectorize=vectorize)
             if kl_time is None:
-                t0 = time.perf_counter()
-                cost(anchor[None])
-                kl_time = time.perf_counter() - t0
+                kl_time = time_cost_call(cost, anchor[None])
             base = {"run": run, "step": step, "anchor_rms": float(anchor.double().pow(2).mean().sqrt())}
+
+            precise = {}  # float64 cost, anchor and ν, built on first use
 
             def go(key, *, k, cut, adam, eps=adam_eps, figure):
                 series = f"{run}, " + (f"Adam ν ε={eps:g}" if adam else "naive")
+                c, a, v = cost, anchor, nu
+                if cut < float64_below:
+                    if not precise:
+                        m64 = copy.deepcopy(model).double()
+                        precise.update(cost=localvol.ExpectedKL(
+                            m64, x.double(), batch_size=data_batch_size, vectorize=vectorize),
+                            anchor=anchor.double(), nu=nu.double())
+                    c, a, v = precise["cost"], precise["anchor"], precise["nu"]
                 rec, arr = run_estimate(
-                    cost, anchor, prior=prior, cutoff=cut, n_samples=k, nu=nu if adam else None,
+                    c, a, prior=prior, cutoff=cut, n_samples=k, nu=v if adam else None,
                     eps=eps if adam else None, exponent=exponent, rtol=rtol, seed=seed,
                     batch_size=direction_batch_size, progress_dir=checkpoint_dir, key=key,
-                    meta={**base, "series": series, "figure": figure}, progress=progress)
+                    meta={**base, "series": series, "figure": figure,
+                          "dtype": str(a.dtype).removeprefix("torch.")}, progress=progress)
                 results[key] = rec
                 arrays.update(arr)
 
@@ -436,7 +452,8 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
                    "k_checkpoints": k_checkpoints, "k_histogram": k_histogram,
                    "k_cutoffs": k_cutoffs, "cutoffs": cutoffs, "n_eval": n_eval,
                    "data_batch_size": data_batch_size,
-                   "direction_batch_size": direction_batch_size, "dtype": "float32"},
+                   "direction_batch_size": direction_batch_size, "dtype": "float32",
+                   "float64_below": float64_below, "device": str(device)},
         "kl_evaluation_s": kl_time,
         "estimates": results,
     }

@@ -140,18 +140,22 @@ def plot_stage(
 
 
 # ---------------------------------------------------------------------------------------------
-# Pythia across training: Figures 2, 4 and 6 (stage plot_pythia; localvol.pythia)
+# Shared by the experiment plot stages (Pythia, ConvNeXt): records -> table, files
 # ---------------------------------------------------------------------------------------------
 
+_TERMS_NOTE = ("log10 values; `log10_prior_term` = −|θ0|²/(2σ² ln 10); `log10_neighbourhood` = "
+               "aggregate − prior term (REPLICATION.md §7.5).")
 
-def pythia_table(summary: dict) -> pd.DataFrame:
-    """One row per Pythia estimate: figure, series, step, cutoff, k, aggregate, prior term,
-    neighbourhood term (log10), largest sample, seconds and cost evaluations per sample."""
+
+def estimates_table(summary: dict, *, keys: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per stored estimate (localvol.records.run_estimate): ``key``, the record fields
+    named in ``keys`` (e.g. figure, series, step), then cutoff, k, the aggregate, its prior and
+    neighbourhood terms (log10), the largest sample, the anchor RMS, seconds and cost
+    evaluations per sample."""
     rows = []
     for key, r in summary["estimates"].items():
-        rows.append({"key": key, "figure": r["figure"], "series": r["series"], "step": r["step"],
-                     "cutoff": r["cutoff"], "k": r["n_samples"],
-                     "log10_volume": r["log10_volume"],
+        rows.append({"key": key, **{k: r[k] for k in keys}, "cutoff": r["cutoff"],
+                     "k": r["n_samples"], "log10_volume": r["log10_volume"],
                      "log10_prior_term": r["log10_prior_at_anchor"],
                      "log10_neighbourhood": r["log10_neighbourhood"],
                      "max_sample_log10": r["max_sample_log10"], "anchor_rms": r["anchor_rms"],
@@ -160,16 +164,52 @@ def pythia_table(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def pythia_figure2(summary: dict, samples: dict[str, np.ndarray], *, bins: int = 10,
-                   width: float = 8.0, height: float = 4.0) -> plt.Figure:
-    """Figure 2: per-sample histograms at the final checkpoint with dashed aggregates."""
-    keys = [k for k, r in summary["estimates"].items() if r["figure"] == 2]
+def _read_estimates(estimates_path: str, samples_path: str) -> tuple[dict, dict[str, np.ndarray]]:
+    summary = json.loads(Path(estimates_path).read_text())
+    with np.load(samples_path) as z:
+        samples = {k: z[k] for k in z.files if k.endswith("__samples")}
+    return summary, samples
+
+
+def _write_outputs(figs: dict[str, tuple[plt.Figure, str]], dpi: int, table: pd.DataFrame,
+                   table_csv: str, table_md: str, markdown: str) -> None:
+    """Each figure as PNG (the given path) and PDF beside it; the table as CSV; the Markdown."""
+    for fig, png in figs.values():
+        _savefig(fig, png, dpi)
+        _savefig(fig, Path(png).with_suffix(".pdf"), dpi)
+    with atomic_path(table_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.8g")
+    with atomic_path(table_md) as tmp:
+        tmp.write_text(markdown)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pythia across training: Figures 2, 4 and 6 (stage plot_pythia; localvol.pythia)
+# ---------------------------------------------------------------------------------------------
+
+
+def pythia_table(summary: dict) -> pd.DataFrame:
+    """One row per Pythia estimate (:func:`estimates_table` with figure, series, step)."""
+    return estimates_table(summary, keys=("figure", "series", "step"))
+
+
+def figure_histograms(summary: dict, samples: dict[str, np.ndarray], figure: int, *,
+                      bins: int, width: float, height: float) -> plt.Figure:
+    """:func:`figure1`'s per-sample histograms for the estimates whose record has
+    ``figure == figure`` (labelled by their ``series``)."""
+    keys = [k for k, r in summary["estimates"].items() if r["figure"] == figure]
     sub = {"estimates": {k: {"label": summary["estimates"][k]["series"],
                              "log10_volume": summary["estimates"][k]["log10_volume"]}
                          for k in keys}}
-    fig = figure1(sub, samples, bins=bins, width=width, height=height)
-    step = summary["estimates"][keys[0]]["step"]
-    fig.axes[0].set_title(f"step {step} (final), N = {summary['config']['n_params']:,}")
+    return figure1(sub, samples, bins=bins, width=width, height=height)
+
+
+def pythia_figure2(summary: dict, samples: dict[str, np.ndarray], *, bins: int = 10,
+                   width: float = 8.0, height: float = 4.0) -> plt.Figure:
+    """Figure 2: per-sample histograms at the final checkpoint with dashed aggregates."""
+    fig = figure_histograms(summary, samples, 2, bins=bins, width=width, height=height)
+    fig.axes[0].set_title(f"step {summary['config']['steps'][-1]} (final), "
+                          f"N = {summary['config']['n_params']:,}")
     return fig
 
 
@@ -198,27 +238,35 @@ def pythia_figure4(summary: dict, *, width: float = 11.0, height: float = 4.0) -
     return fig
 
 
-def pythia_figure6(summary: dict, *, width: float = 7.0, height: float = 4.5) -> plt.Figure:
-    """Figure 6: aggregate log10 probability vs cutoff at the final checkpoint, with the
-    reference line of slope N/2 (log10 units per decade) through the naive estimate at the
-    middle cutoff."""
-    df = pythia_table(summary)
-    df = df[df["figure"] == 6]
-    n = summary["config"]["n_params"]
+def cutoff_sweep(df: pd.DataFrame, n_params: int, reference: pd.DataFrame, *,
+                 width: float = 7.0, height: float = 4.5) -> tuple[plt.Figure, plt.Axes]:
+    """Aggregate log10 probability vs cutoff, one line per ``series`` of ``df`` (rows of
+    :func:`estimates_table`), with the reference line of slope N/2 (log10 per decade of
+    cutoff: the volume of an N-dimensional quadratic basin grows as cutoff^(N/2)) through the
+    middle cutoff of the ``reference`` rows. Log x axis."""
     sns.set_theme(style="whitegrid", context="paper")
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     for series, g in df.groupby("series", sort=False):
         ax.plot(g["cutoff"], g["log10_volume"], marker="o", label=series)
-    naive = df[df["series"] == "naive"].sort_values("cutoff")
-    mid = naive.iloc[len(naive) // 2]
+    ref = reference.sort_values("cutoff")
+    mid = ref.iloc[len(ref) // 2]
     c = np.array(sorted(df["cutoff"].unique()))
-    ax.plot(c, mid["log10_volume"] + (n / 2) * (np.log10(c) - math.log10(mid["cutoff"])),
+    ax.plot(c, mid["log10_volume"] + (n_params / 2) * (np.log10(c) - math.log10(mid["cutoff"])),
             color="k", linewidth=0.8, label="slope N/2")
-    prior = df["log10_prior_term"].iloc[0]
-    ax.axhline(prior, color="grey", linestyle=":", label="prior term")
     ax.set_xscale("log")
     ax.set_xlabel("cutoff (nats of mean KL)")
     ax.set_ylabel("log10 probability (aggregate)")
+    return fig, ax
+
+
+def pythia_figure6(summary: dict, *, width: float = 7.0, height: float = 4.5) -> plt.Figure:
+    """Figure 6: :func:`cutoff_sweep` at the final checkpoint, the slope-N/2 line through the
+    naive estimate, and the prior term."""
+    df = pythia_table(summary)
+    df = df[df["figure"] == 6]
+    fig, ax = cutoff_sweep(df, summary["config"]["n_params"], df[df["series"] == "naive"],
+                           width=width, height=height)
+    ax.axhline(df["log10_prior_term"].iloc[0], color="grey", linestyle=":", label="prior term")
     ax.legend(fontsize="small")
     return fig
 
@@ -245,32 +293,23 @@ def pythia_plot_stage(*, estimates_path: str, samples_path: str, figure2_png: st
                       bins: int, dpi: int) -> dict[str, Any]:
     """Run the ``plot_pythia`` stage: Figures 2, 4, 6 (PNG and PDF beside it), the table of
     all aggregates (CSV, Markdown with caption and the squared-gradient comparison)."""
-    summary = json.loads(Path(estimates_path).read_text())
-    with np.load(samples_path) as z:
-        samples = {k: z[k] for k in z.files if k.endswith("__samples")}
-    figs = {"figure2": pythia_figure2(summary, samples, bins=bins),
-            "figure4": pythia_figure4(summary), "figure6": pythia_figure6(summary)}
-    for name, png in (("figure2", figure2_png), ("figure4", figure4_png), ("figure6", figure6_png)):
-        _savefig(figs[name], png, dpi)
-        _savefig(figs[name], Path(png).with_suffix(".pdf"), dpi)
+    summary, samples = _read_estimates(estimates_path, samples_path)
+    figs = {"figure2": (pythia_figure2(summary, samples, bins=bins), figure2_png),
+            "figure4": (pythia_figure4(summary), figure4_png),
+            "figure6": (pythia_figure6(summary), figure6_png)}
     table = pythia_table(summary)
-    with atomic_path(table_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.8g")
     caption = pythia_caption(summary)
     comparison = summary.get("squared_gradient_comparison") or {}
     comp = "".join(f"- {k}: {v:.6g}\n" if isinstance(v, float) else f"- {k}: {v}\n"
                    for k, v in comparison.items())
-    shown = table.drop(columns=["key"])
     markdown = (
         "# Pythia aggregates (Figures 2, 4, 6)\n\n"
-        + shown.to_markdown(index=False, floatfmt=".6g")
-        + "\n\nlog10 values; `log10_prior_term` = −|θ0|²/(2σ² ln 10); `log10_neighbourhood` = "
-        "aggregate − prior term (REPLICATION.md §7.5).\n\n" + caption + "\n"
+        + table.drop(columns=["key"]).to_markdown(index=False, floatfmt=".6g")
+        + "\n\n" + _TERMS_NOTE + "\n\n" + caption + "\n"
         + (f"\n## Squared-gradient ν vs the true Adam ν (final checkpoint)\n\n{comp}" if comp else "")
     )
-    with atomic_path(table_md) as tmp:
-        tmp.write_text(markdown)
-    return {"figures": figs, "table": table, "caption": caption}
+    _write_outputs(figs, dpi, table, table_csv, table_md, markdown)
+    return {"figures": {k: f for k, (f, _) in figs.items()}, "table": table, "caption": caption}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,19 +318,9 @@ def pythia_plot_stage(*, estimates_path: str, samples_path: str, figure2_png: st
 
 
 def convnext_table(summary: dict) -> pd.DataFrame:
-    """One row per ConvNeXt estimate: figure, run, series, step, cutoff, k, aggregate, prior
-    and neighbourhood terms (log10), largest sample, seconds and evaluations per sample."""
-    rows = []
-    for key, r in summary["estimates"].items():
-        rows.append({"key": key, "figure": r["figure"], "run": r["run"], "series": r["series"],
-                     "step": r["step"], "cutoff": r["cutoff"], "k": r["n_samples"],
-                     "log10_volume": r["log10_volume"],
-                     "log10_prior_term": r["log10_prior_at_anchor"],
-                     "log10_neighbourhood": r["log10_neighbourhood"],
-                     "max_sample_log10": r["max_sample_log10"], "anchor_rms": r["anchor_rms"],
-                     "seconds_per_sample": r["seconds_per_sample"],
-                     "cost_evaluations_per_sample": r["cost_evaluations_per_sample"]})
-    return pd.DataFrame(rows)
+    """One row per ConvNeXt estimate (:func:`estimates_table` with figure, run, series, step,
+    dtype of the KL evaluation)."""
+    return estimates_table(summary, keys=("figure", "run", "series", "step", "dtype"))
 
 
 def _data_label(summary: dict) -> str:
@@ -303,14 +332,9 @@ def convnext_figure3(summary: dict, samples: dict[str, np.ndarray], *, bins: int
                      width: float = 9.0, height: float = 4.0) -> plt.Figure:
     """Figure 3: per-sample histograms at the final checkpoint (clean and poisoned, naive and
     Adam ν) with dashed aggregates."""
-    keys = [k for k, r in summary["estimates"].items() if r["figure"] == 3]
-    sub = {"estimates": {k: {"label": summary["estimates"][k]["series"],
-                             "log10_volume": summary["estimates"][k]["log10_volume"]}
-                         for k in keys}}
-    fig = figure1(sub, samples, bins=bins, width=width, height=height)
-    step = summary["estimates"][keys[0]]["step"]
-    fig.axes[0].set_title(f"ConvNeXt V2 Atto, {_data_label(summary)}: step {step} (final), "
-                          f"N = {summary['config']['n_params']:,}")
+    fig = figure_histograms(summary, samples, 3, bins=bins, width=width, height=height)
+    fig.axes[0].set_title(f"ConvNeXt V2 Atto, {_data_label(summary)}: step "
+                          f"{summary['config']['steps'][-1]} (final), N = {summary['config']['n_params']:,}")
     return fig
 
 
@@ -353,26 +377,16 @@ def convnext_figure5(summary: dict, *, width: float = 11.0, height: float = 8.0)
 
 
 def convnext_figure7(summary: dict, *, width: float = 7.0, height: float = 4.5) -> plt.Figure:
-    """Figure 7: aggregate log10 probability vs cutoff at the final checkpoint (four series),
-    with the slope-N/2 reference line (log10 per decade) through the clean naive estimate at
-    the middle cutoff, and each run's prior term."""
+    """Figure 7: :func:`cutoff_sweep` at the final checkpoint (four series), the slope-N/2 line
+    through the first run's naive estimate, and each run's prior term (dotted)."""
     df = convnext_table(summary)
     df = df[df["figure"] == 7]
-    n = summary["config"]["n_params"]
-    sns.set_theme(style="whitegrid", context="paper")
-    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
-    for series, g in df.groupby("series", sort=False):
-        ax.plot(g["cutoff"], g["log10_volume"], marker="o", label=series)
-    ref = df[df["key"].str.startswith(f"cutoff_{df['run'].iloc[0]}_naive")].sort_values("cutoff")
-    mid = ref.iloc[len(ref) // 2]
-    cut = np.array(sorted(df["cutoff"].unique()))
-    ax.plot(cut, mid["log10_volume"] + (n / 2) * (np.log10(cut) - math.log10(mid["cutoff"])),
-            color="k", linewidth=0.8, label="slope N/2")
-    for run, g in df.groupby("run", sort=False):
+    first = df["run"].iloc[0]
+    fig, ax = cutoff_sweep(df, summary["config"]["n_params"],
+                           df[df["key"].str.startswith(f"cutoff_{first}_naive")],
+                           width=width, height=height)
+    for _, g in df.groupby("run", sort=False):
         ax.axhline(g["log10_prior_term"].iloc[0], color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("cutoff (nats of mean KL)")
-    ax.set_ylabel("log10 probability (aggregate)")
     ax.set_title(f"ConvNeXt V2 Atto, {_data_label(summary)} (dotted: prior terms)")
     ax.legend(fontsize="small")
     return fig
@@ -399,26 +413,18 @@ def convnext_plot_stage(*, estimates_path: str, samples_path: str, figure3_png: 
                         bins: int, dpi: int) -> dict[str, Any]:
     """Run the ``plot_convnext`` stage: Figures 3, 5, 7 (PNG and PDF beside it) and the table
     of all aggregates (CSV; Markdown with the caption and the final training metrics)."""
-    summary = json.loads(Path(estimates_path).read_text())
-    with np.load(samples_path) as z:
-        samples = {k: z[k] for k in z.files if k.endswith("__samples")}
-    figs = {"figure3": convnext_figure3(summary, samples, bins=bins),
-            "figure5": convnext_figure5(summary), "figure7": convnext_figure7(summary)}
-    for name, png in (("figure3", figure3_png), ("figure5", figure5_png), ("figure7", figure7_png)):
-        _savefig(figs[name], png, dpi)
-        _savefig(figs[name], Path(png).with_suffix(".pdf"), dpi)
+    summary, samples = _read_estimates(estimates_path, samples_path)
+    figs = {"figure3": (convnext_figure3(summary, samples, bins=bins), figure3_png),
+            "figure5": (convnext_figure5(summary), figure5_png),
+            "figure7": (convnext_figure7(summary), figure7_png)}
     table = convnext_table(summary)
-    with atomic_path(table_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.8g")
     final = pd.DataFrame([{"run": run, **r["history"][-1]} for run, r in summary["config"]["runs"].items()])
     caption = convnext_caption(summary)
     markdown = (
         f"# ConvNeXt aggregates (Figures 3, 5, 7; {_data_label(summary)})\n\n"
         + table.drop(columns=["key"]).to_markdown(index=False, floatfmt=".6g")
-        + "\n\nlog10 values; `log10_prior_term` = −|θ0|²/(2σ² ln 10); `log10_neighbourhood` = "
-        "aggregate − prior term (REPLICATION.md §7.5).\n\n## Final checkpoint, training metrics\n\n"
+        + "\n\n" + _TERMS_NOTE + "\n\n## Final checkpoint, training metrics\n\n"
         + final.to_markdown(index=False, floatfmt=".4g") + "\n\n" + caption + "\n"
     )
-    with atomic_path(table_md) as tmp:
-        tmp.write_text(markdown)
-    return {"figures": figs, "table": table, "caption": caption}
+    _write_outputs(figs, dpi, table, table_csv, table_md, markdown)
+    return {"figures": {k: f for k, (f, _) in figs.items()}, "table": table, "caption": caption}

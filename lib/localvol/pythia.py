@@ -48,7 +48,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from localvol.records import run_estimate
+from localvol.records import check_stage_settings, run_estimate, time_cost_call
 from localvol.stages import save_npz_atomic, write_json_atomic
 
 __all__ = [
@@ -469,15 +469,18 @@ def squared_gradient_moment(model, batches: Iterable[torch.Tensor], *, beta2: fl
     long-running EMA approaches. APPROXIMATION: Adam's ν averages gradients at the earlier
     weights along the training trajectory; this one, at the checkpoint's weights only.
 
-    Returns (N,) float32 in ``parameters_to_vector(model.parameters())`` order.
+    Returns (N,) float32 in ``parameters_to_vector(model.parameters())`` order, on the
+    model's device.
     """
     if not 0 <= beta2 < 1:
         raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
     params = [p for p in model.parameters()]
-    nu = torch.zeros(sum(p.numel() for p in params))
+    device = params[0].device
+    nu = torch.zeros(sum(p.numel() for p in params), device=device)
     n = 0
     model.eval()  # no dropout: the gradient of the deterministic loss
     for x in batches:
+        x = x.to(device)
         grads = torch.autograd.grad(model(input_ids=x, labels=x).loss, params, allow_unused=True)
         g = torch.cat([(torch.zeros_like(p) if gr is None else gr).reshape(-1)
                        for p, gr in zip(params, grads)]).float()
@@ -561,15 +564,12 @@ def estimate_stage(
     if adam_source not in ("optimizer_state", "squared_gradients"):
         raise ValueError(f"adam_source must be 'optimizer_state' or 'squared_gradients', "
                          f"got {adam_source!r}")
-    for name, v in {"n_eval_docs": n_eval_docs, "max_eval_tokens": max_eval_tokens,
-                    "data_batch_size": data_batch_size, "direction_batch_size": direction_batch_size,
-                    "k_checkpoints": k_checkpoints, "k_histogram": k_histogram,
-                    "k_cutoffs": k_cutoffs, "sqgrad_batches": sqgrad_batches,
-                    "sqgrad_batch_size": sqgrad_batch_size, "sqgrad_seq_len": sqgrad_seq_len}.items():
-        if v < 1:
-            raise ValueError(f"{name} must be ≥ 1, got {v}")
-    if not cutoffs or any(not (c > 0) for c in cutoffs) or any(b <= a for a, b in zip(cutoffs, cutoffs[1:])):
-        raise ValueError(f"cutoffs must be positive and increasing, got {cutoffs}")
+    check_stage_settings(
+        cutoffs=cutoffs, n_eval_docs=n_eval_docs, max_eval_tokens=max_eval_tokens,
+        data_batch_size=data_batch_size, direction_batch_size=direction_batch_size,
+        k_checkpoints=k_checkpoints, k_histogram=k_histogram, k_cutoffs=k_cutoffs,
+        sqgrad_batches=sqgrad_batches, sqgrad_batch_size=sqgrad_batch_size,
+        sqgrad_seq_len=sqgrad_seq_len)
     if not cutoff_adam_eps or any(e < 0 for e in cutoff_adam_eps) or adam_eps < 0:
         raise ValueError("Adam ε values must be ≥ 0")
     manifest = read_manifest(checkpoints_dir)
@@ -609,7 +609,7 @@ def estimate_stage(
                 flat, mom = read_deepspeed_moments(path)
                 return map_flat_groups(model, flat, mom)[0]
         if step == 0:
-            return torch.zeros(sum(p.numel() for p in model.parameters()))  # Adam: ν = 0
+            return torch.zeros(sum(p.numel() for p in model.parameters()), device=device)  # Adam: ν = 0
         raise ValueError(f"step {step}: no optimizer state (optimizer.pt or raw DeepSpeed "
                          "checkpoint); use adam_source: squared_gradients")
 
@@ -628,16 +628,17 @@ def estimate_stage(
     adam_label = "Adam ν" if adam_source == "optimizer_state" else "Adam ν (squared-gradient EMA)"
     comparison = {}
     kl_time = None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for step in steps:
         model, state = load_checkpoint(checkpoints_dir, step)
-        anchor = _flat(model)  # (N,) float32
+        model.to(device)
+        anchor = _flat(model)  # (N,) float32, on the GPU when there is one
         cost = localvol.ExpectedKL(model, ev["input_ids"], batch_size=data_batch_size,
                                    attention_mask=ev["attention_mask"])
         if kl_time is None:
-            t0 = time.perf_counter()
-            cost(anchor[None])
-            kl_time = time.perf_counter() - t0
+            kl_time = time_cost_call(cost, anchor[None])
         nu = true_nu(model, state, step) if adam_source == "optimizer_state" else sq_nu(model)
+        nu = nu.to(device)
         final = step == steps[-1]
         base = {"step": step, "anchor_rms": float(anchor.double().pow(2).mean().sqrt())}
         run(f"ckpt_naive_step{step}", model, anchor, cost, k=k_checkpoints, cut=cutoff,
@@ -681,7 +682,8 @@ def estimate_stage(
                    "k_cutoffs": k_cutoffs, "cutoffs": cutoffs, "cutoff_adam_eps": cutoff_adam_eps,
                    "eval_source": eval_source, "n_eval_docs": n_eval_docs,
                    "max_eval_tokens": max_eval_tokens, "data_batch_size": data_batch_size,
-                   "direction_batch_size": direction_batch_size, "dtype": "float32"},
+                   "direction_batch_size": direction_batch_size, "dtype": "float32",
+                   "device": str(device)},
         "eval_tokens": {"shape": list(ev["input_ids"].shape), "n_real_tokens": ev["n_real_tokens"],
                         "n_padding_tokens": ev["n_padding_tokens"]},
         "kl_evaluation_s": kl_time,

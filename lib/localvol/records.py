@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["run_estimate"]
+__all__ = ["run_estimate", "check_stage_settings", "time_cost_call"]
 
 LN10 = math.log(10.0)
 
@@ -54,7 +54,7 @@ def run_estimate(cost, anchor: torch.Tensor, *, prior, cutoff: float, n_samples:
 
     precond = None if nu is None else localvol.DiagonalPreconditioner(nu, eps, exponent)
     path = Path(progress_dir) / _progress_name(
-        key, float(anchor.double().sum()), cutoff, n_samples, eps, seed, rtol,
+        key, str(anchor.dtype), float(anchor.double().sum()), cutoff, n_samples, eps, seed, rtol,
         repr(prior), exponent, None if nu is None else float(nu.double().sum()))
     t0 = time.perf_counter()
     est = localvol.estimate_log_volume(
@@ -70,3 +70,24 @@ def run_estimate(cost, anchor: torch.Tensor, *, prior, cutoff: float, n_samples:
               f"neighbourhood {record['log10_neighbourhood']:.6g}), "
               f"{record['seconds_per_sample']:.2f} s/sample", flush=True)
     return record, {f"{key}__samples": est.samples, f"{key}__radii": est.radii}
+
+
+def check_stage_settings(*, cutoffs: list[float], **counts: int) -> None:
+    """Validate an estimate stage's settings: every count (k, batch sizes, ...) ≥ 1 and the
+    cutoff sweep positive and increasing. Raises ValueError naming the bad value."""
+    for name, v in counts.items():
+        if v < 1:
+            raise ValueError(f"{name} must be ≥ 1, got {v}")
+    if not cutoffs or any(not (c > 0) for c in cutoffs) or any(b <= a for a, b in zip(cutoffs, cutoffs[1:])):
+        raise ValueError(f"cutoffs must be positive and increasing, got {cutoffs}")
+
+
+def time_cost_call(cost, theta: torch.Tensor) -> float:
+    """Seconds of one call ``cost(theta)`` (theta (B, N)), synchronising CUDA around it."""
+    if theta.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    cost(theta)
+    if theta.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
