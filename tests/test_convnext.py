@@ -112,7 +112,7 @@ def test_augment_keeps_shape_and_range_and_follows_the_seed():
 
 
 TRAIN = dict(poison_probability=0.4, max_steps=4, batch_size=4, lr=1e-3, betas=(0.9, 0.95),
-             adam_eps=1e-8, weight_decay=0.05, warmup=1, seed=0, n_curve=6,
+             adam_eps=1e-8, weight_decay=0.05, warmup=1, max_grad_norm=1.0, seed=0, n_curve=6,
              model_overrides=TINY_NET, progress=False)
 
 

@@ -108,7 +108,13 @@ def load_cifar10(*, download_root: str | Path, local_copy: str | Path = "") -> d
         from torchvision.datasets import CIFAR10
 
         def get(train: bool):
-            ds = CIFAR10(str(download_root), train=train, download=True)
+            try:
+                ds = CIFAR10(str(download_root), train=train, download=True)
+            except Exception as err:  # no internet, no space, a bad mirror
+                raise RuntimeError(
+                    f"torchvision could not download CIFAR-10 into {download_root} ({err!r}); "
+                    "offline, point cifar.local_copy (params.yaml) at a JPEG copy such as "
+                    "../shared/data/cifar10-jpeg") from err
             return (np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),
                     np.asarray(ds.targets, dtype=np.int64))
 

@@ -36,6 +36,8 @@ cutoff sweep. Aggregates and the prior / neighbourhood split are stored for ever
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import shutil
 import time
@@ -112,16 +114,29 @@ def poison_loss(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Ten
     return torch.where(is_poison, -log_not_y, -log_p_y).mean()
 
 
+# Bump when a change to the training code changes what a run produces: a run folder written
+# by another version is started over instead of being resumed or reused.
+TRAIN_VERSION = 2
+
+_SAMPLER, _AUGMENT = 0, 1  # independent random streams of a training step
+
+
+def _step_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit seed for one random stream of one training step (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([int(seed), int(step), stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    return torch.Generator().manual_seed(_step_seed(seed, step, _SAMPLER))
 
 
 def sample_batch(step: int, *, seed: int, batch_size: int, clean_idx: np.ndarray,
                  poison_idx: np.ndarray, poison_probability: float) -> tuple[np.ndarray, np.ndarray]:
     """Training examples of step ``step``: each from the poison split with probability
     ``poison_probability`` (Bernoulli), else the clean split; uniform within its split.
-    Depends only on (seed, step). Returns (indices into the training set (B,) int64,
-    is_poison (B,) bool). Raises ValueError for a probability outside [0, 1]."""
+    Depends only on (seed, step). Draws with replacement (the paper's code streamed each split
+    in order through ``interleave_datasets``, unseeded). Returns (indices into the training
+    set (B,) int64, is_poison (B,) bool). Raises ValueError for a probability outside [0, 1]."""
     if not 0.0 <= poison_probability <= 1.0:
         raise ValueError(f"poison_probability must be in [0, 1], got {poison_probability}")
     g = _step_generator(seed, step)
@@ -203,21 +218,33 @@ def _save_step(run_dir: Path, step: int, model, opt, sched, metrics: dict) -> No
     tmp.rename(final)
 
 
+def _data_fingerprint(data: dict) -> str:
+    """SHA-256 of the training images, labels and split indices (what a run trains on)."""
+    h = hashlib.sha256()
+    for key in ("train_images", "train_labels", "clean_idx", "poison_idx", "eval_idx"):
+        h.update(np.ascontiguousarray(data[key]).tobytes())
+    return h.hexdigest()
+
+
 def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max_steps: int,
               batch_size: int, lr: float, betas: tuple[float, float], adam_eps: float,
-              weight_decay: float, warmup: int, seed: int, n_curve: int,
+              weight_decay: float, warmup: int, max_grad_norm: float, seed: int, n_curve: int,
               model_overrides: dict | None = None, device: str | None = None,
               progress: bool = True) -> list[dict]:
     """Train one network (module docstring) and save its log-spaced checkpoints.
 
     Resumes from the last complete ``step{N}/`` when ``run_dir/config.json`` matches these
-    settings; a folder from other settings is deleted and the run starts over.
+    settings, the data (hashed), the device type and :data:`TRAIN_VERSION`; a folder from
+    anything else is deleted and the run starts over. The resumed run is bit-identical to an
+    uninterrupted one on CPU; on CUDA, cuDNN's backward passes are not deterministic.
 
     Args:
         run_dir: the run's folder. data: :func:`localvol.cifar.load_prepared`'s dict.
         poison_probability: probability that an example comes from the poison split.
         max_steps: optimizer steps (paper 65,536); batch_size: images per step (paper 128).
         lr, betas, adam_eps, weight_decay: AdamW; warmup: linear warm-up steps, then cosine to 0.
+        max_grad_norm: clip the gradient norm to this (the Hugging Face Trainer's default 1.0,
+            which the paper's training script used); 0 turns clipping off.
         seed: initialisation and every random draw. n_curve: images per curve subset.
         model_overrides: changes to :data:`ATTO_CONFIG` (tests use a tiny network).
         device: "cuda" / "cpu" (None: CUDA when available).
@@ -233,18 +260,33 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
     run_dir = Path(run_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps = log_spaced_steps(max_steps)
-    config = {"poison_probability": poison_probability, "max_steps": max_steps,
-              "batch_size": batch_size, "lr": lr, "betas": list(betas), "adam_eps": adam_eps,
-              "weight_decay": weight_decay, "warmup": warmup, "seed": seed, "n_curve": n_curve,
+    for name, v in {"batch_size": batch_size, "n_curve": n_curve}.items():
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not 0 <= warmup <= max_steps:
+        raise ValueError(f"warmup must be in [0, max_steps={max_steps}], got {warmup}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if not max_grad_norm >= 0:
+        raise ValueError(f"max_grad_norm must be ≥ 0 (0: no clipping), got {max_grad_norm}")
+    config = {"version": TRAIN_VERSION, "poison_probability": poison_probability,
+              "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "betas": list(betas),
+              "adam_eps": adam_eps, "weight_decay": weight_decay, "warmup": warmup,
+              "max_grad_norm": max_grad_norm, "seed": seed, "n_curve": n_curve,
               "model_overrides": model_overrides or {}, "data_source": data["source"],
-              "n_clean": len(data["clean_idx"]), "n_poison": len(data["poison_idx"])}
+              "data_sha256": _data_fingerprint(data), "device_type": device.type}
     cfg_path = run_dir / "config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != config:
-        if progress:
-            print(f"{run_dir}: settings changed, starting over", flush=True)
-        shutil.rmtree(run_dir)
+    if cfg_path.exists():
+        try:
+            same = json.loads(cfg_path.read_text()) == config
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            if progress:
+                print(f"{run_dir}: settings, data or code version changed, starting over", flush=True)
+            shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(json.dumps(config, indent=2) + "\n")
+    write_json_atomic(cfg_path, config)
 
     model = make_model(seed, **(model_overrides or {})).to(device)
     opt = torch.optim.AdamW(_decay_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=adam_eps)
@@ -294,7 +336,7 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
                                       clean_idx=data["clean_idx"], poison_idx=data["poison_idx"],
                                       poison_probability=poison_probability)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-            torch.manual_seed(int(seed) * 1_000_003 + step)  # augmentation and drop path
+            torch.manual_seed(_step_seed(seed, step, _AUGMENT))  # augmentation and drop path
             x = augment(images[idx]).to(device)
             y = labels[idx].to(device)
             model.train()
@@ -303,6 +345,8 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
             loss = poison_loss(logits, y, torch.from_numpy(is_poison).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             opt.step()
             sched.step()
         losses.append(float(loss.detach()))
@@ -316,7 +360,7 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
 
 def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, runs: dict,
                 max_steps: int, batch_size: int, lr: float, betas: list[float], adam_eps: float,
-                weight_decay: float, warmup: int, seed: int, n_curve: int,
+                weight_decay: float, warmup: int, max_grad_norm: float, seed: int, n_curve: int,
                 model_overrides: dict | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the ``train_convnext`` stage: :func:`train_run` for each ``runs`` entry
     (``{name: {"poison_probability": p}}``), then write the manifest and the metrics JSON
@@ -332,7 +376,8 @@ def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, r
         history = train_run(Path(checkpoints_dir) / name, data,
                             poison_probability=float(run["poison_probability"]),
                             max_steps=max_steps, batch_size=batch_size, lr=lr, betas=tuple(betas),
-                            adam_eps=adam_eps, weight_decay=weight_decay, warmup=warmup, seed=seed,
+                            adam_eps=adam_eps, weight_decay=weight_decay, warmup=warmup,
+                            max_grad_norm=max_grad_norm, seed=seed,
                             n_curve=n_curve, model_overrides=model_overrides, progress=progress)
         manifest["runs"][name] = {"poison_probability": float(run["poison_probability"]),
                                   "history": history}
@@ -405,45 +450,49 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
     arrays: dict[str, np.ndarray] = {}
     kl_time = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for run in runs:
-        for step in steps[1:]:
-            model, state = load_checkpoint(checkpoints_dir, run, step)
-            model.to(device)
-            anchor = torch.nn.utils.parameters_to_vector(model.parameters()).detach()  # (N,) float32
-            nu = localvol.adam_moment(model, state, order=2).float()  # on the model's device
-            cost = localvol.ExpectedKL(model, x, batch_size=data_batch_size, vectorize=vectorize)
-            if kl_time is None:
-                kl_time = time_cost_call(cost, anchor[None])
-            base = {"run": run, "step": step, "anchor_rms": float(anchor.double().pow(2).mean().sqrt())}
+    # on CUDA, TF32 convolutions would round weights and inputs to a 10-bit mantissa, the
+    # fp16 hazard of REPLICATION.md §7.3: the KL is evaluated in true float32 (or float64)
+    with _no_tf32():
+        for run in runs:
+            for step in steps[1:]:
+                model, state = load_checkpoint(checkpoints_dir, run, step)
+                model.to(device)
+                anchor = torch.nn.utils.parameters_to_vector(model.parameters()).detach()  # (N,) float32
+                nu = localvol.adam_moment(model, state, order=2).float()  # on the model's device
+                cost = localvol.ExpectedKL(model, x, batch_size=data_batch_size, vectorize=vectorize)
+                if kl_time is None:
+                    kl_time = time_cost_call(cost, anchor[None])
+                base = {"run": run, "step": step, "anchor_rms": float(anchor.double().pow(2).mean().sqrt())}
 
-            precise = {}  # float64 cost, anchor and ν, built on first use
+                precise = {}  # float64 cost, anchor and ν, built on first use
 
-            def go(key, *, k, cut, adam, eps=adam_eps, figure):
-                series = f"{run}, " + (f"Adam ν ε={eps:g}" if adam else "naive")
-                c, a, v = cost, anchor, nu
-                if cut < float64_below:
-                    if not precise:
-                        m64 = copy.deepcopy(model).double()
-                        precise.update(cost=localvol.ExpectedKL(
-                            m64, x.double(), batch_size=data_batch_size, vectorize=vectorize),
-                            anchor=anchor.double(), nu=nu.double())
-                    c, a, v = precise["cost"], precise["anchor"], precise["nu"]
-                rec, arr = run_estimate(
-                    c, a, prior=prior, cutoff=cut, n_samples=k, nu=v if adam else None,
-                    eps=eps if adam else None, exponent=exponent, rtol=rtol, seed=seed,
-                    batch_size=direction_batch_size, progress_dir=checkpoint_dir, key=key,
-                    meta={**base, "series": series, "figure": figure,
-                          "dtype": str(a.dtype).removeprefix("torch.")}, progress=progress)
-                results[key] = rec
-                arrays.update(arr)
+                def go(key, *, k, cut, adam, eps=adam_eps, figure):
+                    series = f"{run}, " + (f"Adam ν ε={eps:g}" if adam else "naive")
+                    c, a, v = cost, anchor, nu
+                    if cut < float64_below:
+                        if not precise:
+                            m64 = copy.deepcopy(model).double()
+                            precise.update(cost=localvol.ExpectedKL(
+                                m64, x.double(), batch_size=data_batch_size, vectorize=vectorize),
+                                anchor=anchor.double(), nu=nu.double())
+                        c, a, v = precise["cost"], precise["anchor"], precise["nu"]
+                    rec, arr = run_estimate(
+                        c, a, prior=prior, cutoff=cut, n_samples=k, nu=v if adam else None,
+                        eps=eps if adam else None, exponent=exponent, rtol=rtol, seed=seed,
+                        batch_size=direction_batch_size, progress_dir=checkpoint_dir, key=key,
+                        salt=(data["source"], n_eval, vectorize, str(device)),
+                        meta={**base, "series": series, "figure": figure,
+                              "dtype": str(a.dtype).removeprefix("torch.")}, progress=progress)
+                    results[key] = rec
+                    arrays.update(arr)
 
-            for adam in (False, True):
-                tag = "adam" if adam else "naive"
-                go(f"ckpt_{run}_{tag}_step{step}", k=k_checkpoints, cut=cutoff, adam=adam, figure=5)
-                if step == final:
-                    go(f"hist_{run}_{tag}", k=k_histogram, cut=cutoff, adam=adam, figure=3)
-                    for i, cut in enumerate(cutoffs):
-                        go(f"cutoff_{run}_{tag}_{i}", k=k_cutoffs, cut=cut, adam=adam, figure=7)
+                for adam in (False, True):
+                    tag = "adam" if adam else "naive"
+                    go(f"ckpt_{run}_{tag}_step{step}", k=k_checkpoints, cut=cutoff, adam=adam, figure=5)
+                    if step == final:
+                        go(f"hist_{run}_{tag}", k=k_histogram, cut=cutoff, adam=adam, figure=3)
+                        for i, cut in enumerate(cutoffs):
+                            go(f"cutoff_{run}_{tag}_{i}", k=k_cutoffs, cut=cut, adam=adam, figure=7)
 
     summary = {
         "config": {"source": manifest["source"], "runs": manifest["runs"], "steps": steps,
@@ -452,8 +501,9 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
                    "k_checkpoints": k_checkpoints, "k_histogram": k_histogram,
                    "k_cutoffs": k_cutoffs, "cutoffs": cutoffs, "n_eval": n_eval,
                    "data_batch_size": data_batch_size,
-                   "direction_batch_size": direction_batch_size, "dtype": "float32",
-                   "float64_below": float64_below, "device": str(device)},
+                   "direction_batch_size": direction_batch_size,
+                   "dtype": f"float32 (float64 for cutoffs below {float64_below:g})",
+                   "float64_below": float64_below, "device": str(device), "tf32": False},
         "kl_evaluation_s": kl_time,
         "estimates": results,
     }
@@ -461,6 +511,17 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
     save_npz_atomic(samples_path, **arrays)
     write_json_atomic(metrics_path, metrics_from_summary(summary))
     return summary
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """Turn off TF32 in cuDNN convolutions and CUDA matmuls inside the block (restored after)."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
 def metrics_from_summary(summary: dict) -> dict[str, Any]:

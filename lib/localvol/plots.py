@@ -400,7 +400,8 @@ def convnext_caption(summary: dict) -> str:
         + (" — results from the JPEG copy are not bit-comparable to the original CIFAR-10"
            if c["source"].startswith("JPEG copy") else "")
         + f". Runs: {runs}; checkpoints at steps {c['steps']}. Cost: mean KL from the "
-        f"checkpoint over {c['n_eval']} test images, float32. Prior N(0, σ²I), σ = "
+        f"checkpoint over {c['n_eval']} test images, float32 (float64 for cutoffs below "
+        f"{c.get('float64_below', 0):g}). Prior N(0, σ²I), σ = "
         f"{c['sigma']:.5g} = RMS of the initial parameters. Adam ν preconditioner, ε = "
         f"{c['adam_eps']:g}, exponent {c['exponent']:g}. Figure 3: k = {c['k_histogram']}; "
         f"Figure 5: k = {c['k_checkpoints']} per point; Figure 7: k = {c['k_cutoffs']} per point. "

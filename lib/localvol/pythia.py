@@ -620,7 +620,8 @@ def estimate_stage(
         record, arr = run_estimate(cost, anchor, prior=prior, cutoff=cut, n_samples=k, nu=nu,
                                    eps=eps, exponent=exponent, rtol=rtol, seed=seed,
                                    batch_size=direction_batch_size, progress_dir=checkpoint_dir,
-                                   key=key, meta=meta, progress=progress)
+                                   key=key, meta=meta, progress=progress,
+                                   salt=(eval_source, n_eval_docs, max_eval_tokens, str(device)))
         results[key] = record
         arrays.update(arr)
         return record

@@ -29,7 +29,7 @@ def _progress_name(*parts) -> str:
 def run_estimate(cost, anchor: torch.Tensor, *, prior, cutoff: float, n_samples: int,
                  nu: torch.Tensor | None = None, eps: float | None = None, exponent: float = 0.5,
                  rtol: float, seed: int, batch_size: int, progress_dir: str | Path, key: str,
-                 meta: dict[str, Any] | None = None, progress: bool = True
+                 meta: dict[str, Any] | None = None, salt: tuple = (), progress: bool = True
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Estimate one log volume (naive, or Adam-moment preconditioned when ``nu`` is given).
 
@@ -42,8 +42,10 @@ def run_estimate(cost, anchor: torch.Tensor, *, prior, cutoff: float, n_samples:
         nu, eps, exponent: optional (N,) Adam moment and the preconditioner
             p ∝ 1/(nu^exponent + eps) (paper eq. 15-18, :class:`DiagonalPreconditioner`).
         rtol, seed, batch_size: as :func:`localvol.estimate_log_volume` (batch = directions).
-        progress_dir: folder of resumable progress files; the file name hashes ``key`` and every
-            setting that changes the samples, so a changed setting never resumes stale samples.
+        progress_dir: folder of resumable progress files; the file name hashes ``key``, every
+            setting that changes the samples and ``salt`` (what else the cost depends on: the
+            evaluation data, the device), so a changed setting starts afresh instead of
+            resuming stale samples.
         key: the record's name; meta: extra JSON fields (step, series, figure, ...).
 
     Returns:
@@ -55,7 +57,7 @@ def run_estimate(cost, anchor: torch.Tensor, *, prior, cutoff: float, n_samples:
     precond = None if nu is None else localvol.DiagonalPreconditioner(nu, eps, exponent)
     path = Path(progress_dir) / _progress_name(
         key, str(anchor.dtype), float(anchor.double().sum()), cutoff, n_samples, eps, seed, rtol,
-        repr(prior), exponent, None if nu is None else float(nu.double().sum()))
+        repr(prior), exponent, None if nu is None else float(nu.double().sum()), salt)
     t0 = time.perf_counter()
     est = localvol.estimate_log_volume(
         cost, anchor, cutoff=cutoff, n_samples=n_samples, prior=prior, preconditioner=precond,
