@@ -1,6 +1,6 @@
 # Two entry points (see README.md):
 #   make reproduce   create .venv, install the pinned dependencies and the package, write the raw
-#                    data, `dvc repro` the pipeline on params.yaml (Figure 1 into figures/)
+#                    data, `dvc repro` the pipeline on params.yaml (Figures 1-7 into figures/)
 #   make test        the same setup, then the whole test suite (offline)
 # Setup is idempotent: it reinstalls only when pyproject.toml or requirements-lock.txt change.
 
