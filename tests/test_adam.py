@@ -138,10 +138,12 @@ def test_unstepped_and_frozen_parameters_get_zeros():
         adam_moment(model2, opt2.state_dict(), optimizer_params=trainable)
 
 
-def test_before_any_step_all_zeros():
+def test_before_any_step_all_zeros_only_when_allowed():
     model = _model()
     opt = torch.optim.Adam(model.parameters())
-    nu = adam_moment(model, opt.state_dict())
+    with pytest.raises(ValueError, match="never stepped"):
+        adam_moment(model, opt.state_dict())
+    nu = adam_moment(model, opt.state_dict(), allow_never_stepped=True)
     assert nu.shape == (sum(p.numel() for p in model.parameters()),) and (nu == 0).all()
 
 
@@ -168,8 +170,16 @@ def test_rejects_state_without_adam_buffers():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _train(model, opt, steps=1)
-    with pytest.raises(ValueError, match="exp_avg_sq"):
+    with pytest.raises(ValueError, match="not an Adam/AdamW state dict"):
         adam_moment(model, opt.state_dict())
+    # an Adam state dict whose entries lack the buffer (edited, or another Adam variant)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    _train(model, opt, steps=1)
+    sd = opt.state_dict()
+    for entry in sd["state"].values():
+        del entry["exp_avg_sq"]
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        adam_moment(model, sd)
 
 
 def test_string_state_keys_are_refused_not_zeroed():

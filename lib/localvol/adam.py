@@ -38,6 +38,7 @@ def adam_moment(
     *,
     order: int = 2,
     optimizer_params: Sequence[torch.Tensor] | None = None,
+    allow_never_stepped: bool = False,
 ) -> torch.Tensor:
     """Adam/AdamW moment buffer of every parameter, flattened into one vector.
 
@@ -57,6 +58,8 @@ def adam_moment(
           order, when that differs from ``params``.
     A parameter the optimizer holds but never stepped (no gradient yet, frozen) gets zeros,
     and so does a parameter with ``requires_grad=False`` that the optimizer does not hold.
+    A moment that is zero EVERYWHERE is an error unless ``allow_never_stepped``: as a
+    preconditioner it would silently turn into the identity (the naive estimator).
 
     Args:
         params: nn.Module (its ``.parameters()`` order, = ``parameters_to_vector`` order) or a
@@ -64,14 +67,18 @@ def adam_moment(
         optimizer_state_dict: ``torch.optim.Adam``/``AdamW`` ``.state_dict()`` (or a loaded one).
         order: 2 -> ``exp_avg_sq`` (second moment ν), 1 -> ``exp_avg`` (first moment μ).
         optimizer_params: parameters in the order the optimizer received them (path (b) only).
+        allow_never_stepped: return zeros for an optimizer that never stepped (e.g. the state
+            saved at step 0 of a training run, where ν = 0 is the truth) instead of raising.
 
     Returns:
         (N,) tensor, N = total number of elements of ``params``, on the device of the first
         parameter, in the (promoted) dtype of the buffers.
 
     Raises:
-        ValueError: ``order`` not 1 or 2; state dict without ``state``/``param_groups``; a
-            trainable parameter whose name (path a) or identity (path b) the optimizer lacks;
+        ValueError: ``order`` not 1 or 2; state dict without ``state``/``param_groups``, or
+            whose groups have no ``betas`` (not Adam/AdamW: e.g. SGD, which keeps no moments
+            without momentum); a moment that is zero everywhere (the optimizer never stepped)
+            unless ``allow_never_stepped``; a trainable parameter whose name (path a) or identity (path b) the optimizer lacks;
             ``optimizer_params`` count differing from the optimizer's; a buffer whose shape
             differs from its parameter's; a stepped parameter without the requested buffer.
     """
@@ -85,6 +92,12 @@ def adam_moment(
                          "(torch.optim.Adam/AdamW .state_dict())")
     state = optimizer_state_dict["state"]
     groups = optimizer_state_dict["param_groups"]
+    not_adam = [g for g in groups if "betas" not in g]
+    if not_adam:
+        raise ValueError(
+            f"not an Adam/AdamW state dict: a param group has no 'betas' (its keys: "
+            f"{sorted(k for k in not_adam[0] if k != 'params')}); SGD and other optimizers keep "
+            "no Adam moments, and reading them as zeros would make the preconditioner the identity")
     ids = [i for g in groups for i in g["params"]]  # state-dict integer ids, group order
     named = _as_named(params, "params")
 
@@ -136,8 +149,17 @@ def adam_moment(
     dtype = named[0][1].dtype if not present else present[0]
     for d in present[1:]:
         dtype = torch.promote_types(dtype, d)
-    return torch.cat([
+    moment = torch.cat([
         (torch.zeros(p.numel(), dtype=dtype, device=device) if b is None
          else b.detach().reshape(-1).to(dtype=dtype, device=device))
         for (_, p), b in zip(named, pieces)
     ])  # (N,)
+    n_zero = int((moment == 0).sum())
+    if n_zero == moment.numel() and not allow_never_stepped:
+        why = ("the optimizer never stepped (its state holds no per-parameter entries)" if not present
+               else "every buffer is zero")
+        raise ValueError(
+            f"{n_zero} of {moment.numel()} entries of '{key}' are zero: {why}. As a preconditioner "
+            "this is the identity (the naive estimate under another label); pass "
+            "allow_never_stepped=True only where ν = 0 is meant (step 0 of a training run)")
+    return moment

@@ -49,8 +49,15 @@ import torch
 import torch.nn.functional as F
 
 from localvol.cifar import load_prepared
-from localvol.records import check_stage_settings, run_estimate, time_cost_call
-from localvol.stages import save_npz_atomic, write_json_atomic
+from localvol.records import (
+    check_distinct_steps,
+    check_stage_settings,
+    clear_progress,
+    parameter_sha256,
+    run_estimate,
+    time_cost_call,
+)
+from localvol.stages import save_npz_atomic, write_json_atomic, write_timings
 
 __all__ = ["ATTO_CONFIG", "ATTO_N_PARAMS", "make_model", "log_spaced_steps", "poison_loss",
            "sample_batch", "augment", "evaluate", "train_run", "train_stage", "load_checkpoint",
@@ -116,7 +123,7 @@ def poison_loss(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Ten
 
 # Bump when a change to the training code changes what a run produces: a run folder written
 # by another version is started over instead of being resumed or reused.
-TRAIN_VERSION = 2
+TRAIN_VERSION = 3
 
 _SAMPLER, _AUGMENT = 0, 1  # independent random streams of a training step
 
@@ -230,7 +237,7 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
               batch_size: int, lr: float, betas: tuple[float, float], adam_eps: float,
               weight_decay: float, warmup: int, max_grad_norm: float, seed: int, n_curve: int,
               model_overrides: dict | None = None, device: str | None = None,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, timings: dict | None = None) -> list[dict]:
     """Train one network (module docstring) and save its log-spaced checkpoints.
 
     Resumes from the last complete ``step{N}/`` when ``run_dir/config.json`` matches these
@@ -248,11 +255,14 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
         seed: initialisation and every random draw. n_curve: images per curve subset.
         model_overrides: changes to :data:`ATTO_CONFIG` (tests use a tiny network).
         device: "cuda" / "cpu" (None: CUDA when available).
+        timings: optional dict; receives ``step{N}`` → {images_per_s, wall_time_s} for the
+            checkpoints this call wrote (wall times stay out of the checkpoints, which DVC
+            hashes).
 
     Returns:
         The history: one dict per checkpoint step with ``step``, ``train_loss`` (mean poison
-        loss since the previous checkpoint), ``{clean,poison,val}_{accuracy,loss}``,
-        ``images_per_s`` and ``wall_time_s``.
+        loss since the previous checkpoint), ``{clean,poison,val}_{accuracy,loss}`` and
+        ``parameter_sha256`` (of the weights saved at that step).
     """
     from transformers import ConvNextV2ForImageClassification, get_cosine_schedule_with_warmup
 
@@ -310,7 +320,8 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
     labels = torch.from_numpy(data["train_labels"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     losses, t_last = [], time.perf_counter()
-    t_start = t_last - (history[-1]["wall_time_s"] if history else 0.0)
+    t_start = t_last
+    timings = {} if timings is None else timings
     todo = range(start, max_steps + 1)
     bar = None
     if progress:
@@ -321,12 +332,13 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
         if step in steps and step not in done:
             now = time.perf_counter()
             n_images = (step - (history[-1]["step"] if history else 0)) * batch_size
-            record = {"step": step, "train_loss": float(np.mean(losses)) if losses else None,
-                      "images_per_s": n_images / (now - t_last) if n_images else None}
+            record = {"step": step, "train_loss": float(np.mean(losses)) if losses else None}
+            timings[f"step{step}"] = {"images_per_s": n_images / (now - t_last) if n_images else None}
             for name, (x, y) in subsets.items():
                 for k, v in evaluate(model, x, y, device=device).items():
                     record[f"{name}_{k}"] = v
-            record["wall_time_s"] = time.perf_counter() - t_start
+            record["parameter_sha256"] = parameter_sha256(model)
+            timings[f"step{step}"]["wall_time_s"] = time.perf_counter() - t_start
             _save_step(run_dir, step, model, opt, sched, record)
             history.append(record)
             losses, t_last = [], time.perf_counter()
@@ -370,6 +382,7 @@ def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, r
     data = load_prepared(dataset_path)
     manifest = {"runs": {}, "steps": log_spaced_steps(max_steps), "source": data["source"],
                 "seed": seed, "batch_size": batch_size}
+    timings: dict[str, Any] = {}
     for name, run in runs.items():
         if set(run) != {"poison_probability"}:
             raise ValueError(f"runs.{name} must have exactly the key poison_probability, got {sorted(run)}")
@@ -378,7 +391,13 @@ def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, r
                             max_steps=max_steps, batch_size=batch_size, lr=lr, betas=tuple(betas),
                             adam_eps=adam_eps, weight_decay=weight_decay, warmup=warmup,
                             max_grad_norm=max_grad_norm, seed=seed,
-                            n_curve=n_curve, model_overrides=model_overrides, progress=progress)
+                            n_curve=n_curve, model_overrides=model_overrides, progress=progress,
+                            timings=timings.setdefault(name, {}))
+        # transformers' warm-up starts at lr 0, so the first update changes nothing and step 1
+        # holds step 0's weights (as in the paper's Hugging Face Trainer runs): expected, allowed
+        first_update_is_zero = [[0, 1]] if warmup > 0 else []
+        check_distinct_steps({h["step"]: h["parameter_sha256"] for h in history},
+                             first_update_is_zero, key=None)
         manifest["runs"][name] = {"poison_probability": float(run["poison_probability"]),
                                   "history": history}
     model, _ = load_checkpoint(checkpoints_dir, next(iter(runs)), 0)
@@ -388,6 +407,7 @@ def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, r
                for name, r in manifest["runs"].items()}
     metrics["data_source"] = data["source"]
     write_json_atomic(metrics_path, metrics)
+    write_timings(metrics_path, timings)
     return manifest
 
 
@@ -448,6 +468,8 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
 
     results: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
+    timings: dict[str, Any] = {}
+    t_stage = time.perf_counter()
     kl_time = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # on CUDA, TF32 convolutions would round weights and inputs to a 10-bit mantissa, the
@@ -456,6 +478,7 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
         for run in runs:
             for step in steps[1:]:
                 model, state = load_checkpoint(checkpoints_dir, run, step)
+                _verify_weights(model, manifest, run, step)
                 model.to(device)
                 anchor = torch.nn.utils.parameters_to_vector(model.parameters()).detach()  # (N,) float32
                 nu = localvol.adam_moment(model, state, order=2).float()  # on the model's device
@@ -480,7 +503,7 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
                         c, a, prior=prior, cutoff=cut, n_samples=k, nu=v if adam else None,
                         eps=eps if adam else None, exponent=exponent, rtol=rtol, seed=seed,
                         batch_size=direction_batch_size, progress_dir=checkpoint_dir, key=key,
-                        salt=(data["source"], n_eval, vectorize, str(device)),
+                        salt=(data["source"], n_eval, vectorize, str(device)), timings=timings,
                         meta={**base, "series": series, "figure": figure,
                               "dtype": str(a.dtype).removeprefix("torch.")}, progress=progress)
                     results[key] = rec
@@ -504,13 +527,28 @@ def estimate_stage(*, dataset_path: str, checkpoints_dir: str, estimates_path: s
                    "direction_batch_size": direction_batch_size,
                    "dtype": f"float32 (float64 for cutoffs below {float64_below:g})",
                    "float64_below": float64_below, "device": str(device), "tf32": False},
-        "kl_evaluation_s": kl_time,
         "estimates": results,
     }
     write_json_atomic(estimates_path, summary)
     save_npz_atomic(samples_path, **arrays)
     write_json_atomic(metrics_path, metrics_from_summary(summary))
+    write_timings(estimates_path, {"kl_evaluation_s": kl_time, "estimates": timings,
+                                   "wall_time_s": time.perf_counter() - t_stage})
+    clear_progress(checkpoint_dir)
     return summary
+
+
+def _verify_weights(model, manifest: dict, run: str, step: int) -> None:
+    """The loaded weights must be those train_convnext saved at this step (manifest hash)."""
+    history = {h["step"]: h for h in manifest["runs"][run]["history"]}
+    recorded = history.get(step, {}).get("parameter_sha256")
+    if recorded is None:
+        raise ValueError(f"the manifest has no parameter hash for {run} step {step}: checkpoints "
+                         "from an older train_convnext; rerun it (dvc repro -f train_convnext)")
+    digest = parameter_sha256(model)
+    if digest != recorded:
+        raise ValueError(f"{run}/step{step}/ holds other weights than train_convnext recorded "
+                         f"(SHA-256 {digest[:12]} vs {recorded[:12]})")
 
 
 @contextlib.contextmanager

@@ -24,10 +24,12 @@ from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 from ._reduce import checksum64, row_dot64
+from .code_version import source_hash
+from .preconditioners import PaperMatrixPreconditioner
 from .priors import GaussianPrior, LebesguePrior
 from .radius import _check_search_args, evaluate_anchor_cost, find_radius
 
-__all__ = ["VolumeEstimate", "estimate_log_volume", "sample_directions"]
+__all__ = ["VolumeEstimate", "estimate_log_volume", "sample_directions", "direction_seed"]
 
 LN10 = math.log(10.0)
 
@@ -47,6 +49,11 @@ class VolumeEstimate:
         cost_evaluations: total points at which the cost was evaluated, anchor included.
         log_prior_at_anchor: −|θ0/σ|²/2 = log ρ(θ0) − log ρ(0), nats (Gaussian prior only,
             else None): the "prior term" of REPLICATION.md §7.5.
+        preconditioner_is_identity: True for the naive estimator and for a preconditioner
+            whose scales are all 1 (e.g. Adam ν of an optimizer that never stepped): the
+            estimate is then the naive one, whatever its label says.
+        n_unbounded: directions along which the cost stayed below the cutoff up to max_radius
+            (radius inf; the whole ray counts).
     """
 
     log_volume: float
@@ -63,6 +70,8 @@ class VolumeEstimate:
     seed: int
     prior: str
     preconditioner: str
+    preconditioner_is_identity: bool = True
+    n_unbounded: int = 0
     wall_time_s: float = 0.0
     meta: dict = field(default_factory=dict)
 
@@ -108,7 +117,8 @@ class VolumeEstimate:
         )
 
     def to_dict(self) -> dict:
-        """JSON-serialisable aggregates (no per-sample arrays)."""
+        """JSON-serialisable aggregates (no per-sample arrays, no wall time): a pure function of
+        the inputs, so a rerun writes the same record (the wall time is ``self.wall_time_s``)."""
         lp = self.log_prior_at_anchor
         return {
             "log_volume": self.log_volume,
@@ -127,22 +137,45 @@ class VolumeEstimate:
             "seed": self.seed,
             "prior": self.prior,
             "preconditioner": self.preconditioner,
+            "preconditioner_is_identity": self.preconditioner_is_identity,
+            "n_unbounded": self.n_unbounded,
             "cost_evaluations": int(self.cost_evaluations),
             "median_evaluations_per_sample": float(np.median(self.evaluations)),
-            "wall_time_s": self.wall_time_s,
             **self.meta,
         }
+
+
+def direction_seed(seed: int, index: int) -> int:
+    """The 63-bit generator seed of direction ``index`` under estimate seed ``seed``.
+
+    Derived with ``numpy.random.SeedSequence([seed, index])`` (a hash of both integers), so no
+    direction's stream coincides with an ordinary ``torch.manual_seed(j)`` stream for small j
+    (which a model's initialisation may have used: a direction correlated with the weights
+    biases the estimate). Depends only on (seed, index).
+    """
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 def sample_directions(n_params: int, indices, *, seed: int, dtype, device) -> torch.Tensor:
     """Isotropic unit vectors u_i (B, N), one independent stream per sample index.
 
-    Sample i depends only on (seed, i), not on the batch size or on resuming.
+    Row b is direction ``indices[b]``: a standard normal vector drawn from a generator seeded
+    with :func:`direction_seed` (seed, i), then normalised. It depends only on (seed, i) and on
+    the device type (CPU and CUDA generators differ), not on the batch size, the batch's other
+    indices, resuming, or which process or device of that type draws it.
+
+    Args:
+        n_params: N. indices: iterable of non-negative ints. seed: int in [0, 2^32).
+        dtype: torch.float32 or torch.float64. device: where to draw and return.
+
+    Returns:
+        (B, N) tensor of unit rows in ``dtype`` on ``device``.
     """
     out = torch.empty(len(indices), n_params, dtype=dtype, device=device)
     gen = torch.Generator(device=device)
     for row, i in enumerate(indices):
-        gen.manual_seed(int(seed) * 1_000_000_007 + int(i))
+        gen.manual_seed(direction_seed(seed, i))
         out[row] = torch.randn(n_params, generator=gen, dtype=dtype, device=device)
     return out / torch.linalg.vector_norm(out, dim=1, keepdim=True)
 
@@ -183,11 +216,15 @@ def estimate_log_volume(
             |θ0| + max σ·(√N + 50) for the Gaussian prior, where the remaining mass is
             negligible; 1e8 for Lebesgue).
         checkpoint_path: optional .npz path; finished samples are written there atomically
-            after every batch, and a rerun with the same settings resumes from it.
+            after every batch, and a rerun with the same settings resumes from it. The file
+            records a hash of the settings and of localvol's source files
+            (:func:`localvol.code_version.source_hash`): one written with other settings, another
+            cost or another version of the code raises ValueError instead of being resumed.
 
     Returns:
-        VolumeEstimate (log_volume in nats; +inf for Lebesgue with an unbounded direction,
-        with a warning).
+        VolumeEstimate (log_volume in nats; +inf for Lebesgue with an unbounded direction).
+        Directions that stay below the cutoff up to max_radius are counted in ``n_unbounded``
+        and warned about under either prior.
 
     Raises:
         ValueError: cutoff ≤ 0 or NaN, n_samples < 1, bad rtol/batch_size/max_radius, anchor
@@ -267,10 +304,14 @@ def estimate_log_volume(
     bar.close()
 
     samples = store["samples"]
-    if np.isposinf(samples).any():
+    n_unbounded = int(np.isinf(store["radii"]).sum())
+    if n_unbounded:
+        consequence = ("the neighbourhood has infinite Lebesgue volume" if isinstance(prior, LebesguePrior)
+                       else "their whole rays count, so the cost may not bound the neighbourhood "
+                            "(a constant cost, e.g. a single-class output?)")
         warnings.warn(
-            f"{int(np.isposinf(samples).sum())} of {n_samples} directions stay below the cutoff up to "
-            f"max_radius = {max_radius:g}: the neighbourhood has infinite Lebesgue volume"
+            f"{n_unbounded} of {n_samples} directions stay below the cutoff up to "
+            f"max_radius = {max_radius:g}: {consequence}"
         )
     return VolumeEstimate(
         log_volume=float(logsumexp(samples) - math.log(n_samples)),
@@ -287,8 +328,22 @@ def estimate_log_volume(
         seed=seed,
         prior=repr(prior),
         preconditioner=repr(preconditioner) if preconditioner is not None else "naive",
+        preconditioner_is_identity=_is_identity(preconditioner),
+        n_unbounded=n_unbounded,
         wall_time_s=time.perf_counter() - t_start,
     )
+
+
+def _is_identity(preconditioner) -> bool:
+    """Whether the preconditioner leaves every direction unchanged (all scales 1)."""
+    if preconditioner is None:
+        return True
+    scales = getattr(preconditioner, "scales", None)
+    if scales is None:
+        return False
+    if isinstance(preconditioner, PaperMatrixPreconditioner):
+        return False  # diag(p) Vᵀ rotates even when p = 1
+    return bool(torch.all(torch.abs(torch.as_tensor(scales).double().log()) < 1e-12))
 
 
 def _initial_radii(store, done, v):
@@ -303,7 +358,7 @@ def _initial_radii(store, done, v):
 def _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius) -> str:
     """Hash of everything a checkpoint's samples depend on, except the cost (see _cost_probe)."""
     a = anchor.detach()
-    parts = [a.numel(), checksum64(a), float(row_dot64(a)), cutoff, rtol, seed, repr(prior), max_radius]
+    parts = [source_hash(), a.numel(), checksum64(a), float(row_dot64(a)), cutoff, rtol, seed, repr(prior), max_radius]
     if preconditioner is not None:
         parts.append(repr(preconditioner))
         for name in ("scales", "eigenvectors"):
@@ -339,7 +394,8 @@ def _load_checkpoint(path, fingerprint, probe, store, done) -> int:
         if str(f["fingerprint"]) != fingerprint:
             raise ValueError(
                 f"checkpoint {path} was written with different settings (anchor, cutoff, rtol, seed, "
-                "prior or preconditioner); delete it or pass another checkpoint_path"
+                "prior or preconditioner) or by another version of localvol (its source files "
+                "differ); delete it or pass another checkpoint_path"
             )
         if not np.allclose(f["probe"], probe, rtol=1e-4, atol=1e-12, equal_nan=True):
             raise ValueError(

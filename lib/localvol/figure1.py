@@ -44,7 +44,9 @@ import pandas as pd
 import torch
 
 from localvol import digits
-from localvol.stages import save_npz_atomic, write_json_atomic
+from localvol.code_version import source_hash
+from localvol.records import clear_progress
+from localvol.stages import save_npz_atomic, write_json_atomic, write_timings
 
 __all__ = [
     "KINDS",
@@ -176,9 +178,9 @@ def build_preconditioner(kind: str, eps: float, exponent: float,
 
 
 def _checkpoint_name(name: str, spec: dict, settings: dict, model_sha: str) -> str:
-    """A checkpoint file name unique to (model weights, estimate settings), so a rerun with
-    other settings or another model never resumes a stale checkpoint."""
-    key = repr((name, sorted(spec.items()), sorted(settings.items()), model_sha))
+    """A checkpoint file name unique to (model weights, estimate settings, code version), so a
+    rerun with other settings, another model or changed code never resumes a stale checkpoint."""
+    key = repr((name, sorted(spec.items()), sorted(settings.items()), model_sha, source_hash()))
     return f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
@@ -244,6 +246,7 @@ def estimate_stage(
                 "exponent": exponent}
     results: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
+    wall_times: dict[str, float] = {}
     for name, spec in specs.items():
         precond = None
         if spec["kind"] != "naive":
@@ -267,6 +270,7 @@ def estimate_stage(
         arrays[f"{name}__cost_at_radius"] = est.cost_at_radius
         arrays[f"{name}__direction_norms"] = est.direction_norms
         arrays[f"{name}__evaluations"] = est.evaluations
+        wall_times[name] = est.wall_time_s
         if progress:
             print(f"  log10 P = {est.log10_volume:.2f}  ({est.wall_time_s:.1f} s, "
                   f"{est.cost_evaluations} cost evaluations)", flush=True)
@@ -284,7 +288,6 @@ def estimate_stage(
         "anchor_norm": float(anchor.double().norm()),
         "log_prior_at_anchor": first["log_prior_at_anchor"],
         "log10_prior_at_anchor": first["log10_prior_at_anchor"],
-        "curvature_wall_time_s": curvature_times,
         "estimates": results,
     }
     save_npz_atomic(samples_path, **arrays)
@@ -292,9 +295,9 @@ def estimate_stage(
                                      if k != "hessian_eigenvectors"})
     write_json_atomic(metrics_path, metrics_from_summary(summary))
     write_json_atomic(estimates_path, summary)
-    for name, spec in specs.items():  # finished: the checkpoints are no longer needed
-        (Path(checkpoint_dir) / _checkpoint_name(name, spec, settings, model_sha)).unlink(
-            missing_ok=True)
+    write_timings(estimates_path, {"curvature_wall_time_s": curvature_times,
+                                   "estimates": wall_times})
+    clear_progress(checkpoint_dir)  # finished: no resume state is left behind
     return summary
 
 
@@ -305,7 +308,6 @@ def metrics_from_summary(summary: dict) -> dict:
         metrics[name] = {
             "log10_volume": r["log10_volume"],
             "max_sample_log10": r["max_sample_log10"],
-            "wall_time_s": r["wall_time_s"],
             "cost_evaluations": r["cost_evaluations"],
         }
     return metrics

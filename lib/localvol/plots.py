@@ -150,8 +150,8 @@ _TERMS_NOTE = ("log10 values; `log10_prior_term` = −|θ0|²/(2σ² ln 10); `lo
 def estimates_table(summary: dict, *, keys: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per stored estimate (localvol.records.run_estimate): ``key``, the record fields
     named in ``keys`` (e.g. figure, series, step), then cutoff, k, the aggregate, its prior and
-    neighbourhood terms (log10), the largest sample, the anchor RMS, seconds and cost
-    evaluations per sample."""
+    neighbourhood terms (log10), the largest sample, the anchor RMS and cost evaluations per
+    sample (wall times are in the stage's ``*.timings.json``, outside DVC)."""
     rows = []
     for key, r in summary["estimates"].items():
         rows.append({"key": key, **{k: r[k] for k in keys}, "cutoff": r["cutoff"],
@@ -159,7 +159,6 @@ def estimates_table(summary: dict, *, keys: tuple[str, ...] = ()) -> pd.DataFram
                      "log10_prior_term": r["log10_prior_at_anchor"],
                      "log10_neighbourhood": r["log10_neighbourhood"],
                      "max_sample_log10": r["max_sample_log10"], "anchor_rms": r["anchor_rms"],
-                     "seconds_per_sample": r["seconds_per_sample"],
                      "cost_evaluations_per_sample": r["cost_evaluations_per_sample"]})
     return pd.DataFrame(rows)
 

@@ -48,8 +48,15 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from localvol.records import check_stage_settings, run_estimate, time_cost_call
-from localvol.stages import save_npz_atomic, write_json_atomic
+from localvol.records import (
+    check_distinct_steps,
+    check_stage_settings,
+    clear_progress,
+    parameter_sha256,
+    run_estimate,
+    time_cost_call,
+)
+from localvol.stages import save_npz_atomic, write_json_atomic, write_timings
 
 __all__ = [
     "PYTHIA_31M_CONFIG",
@@ -252,9 +259,11 @@ def train_local(
     n_heldout: int,
     seed: int,
     progress: bool = True,
+    timings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a scaled-down Pythia on pydoc_data.topics; save ``step{N}/`` (model + AdamW state)
-    for each N in ``steps`` (the last one is the number of updates). Returns the manifest."""
+    for each N in ``steps`` (the last one is the number of updates). Returns the manifest (no
+    wall times: ``timings``, if given, receives them)."""
     from transformers import GPTNeoXForCausalLM
 
     steps = check_steps(steps)
@@ -269,7 +278,7 @@ def train_local(
                             eps=adam_eps)
     gen = torch.Generator().manual_seed(seed)
     total = steps[-1]
-    history, losses = [], []
+    history, losses, hashes = [], [], {}
     t0 = time.perf_counter()
     for step in range(total + 1):
         if step in steps:
@@ -277,9 +286,11 @@ def train_local(
             d = _step_dir(out_dir, step)
             model.save_pretrained(d)
             torch.save(opt.state_dict(), d / "optimizer.pt")
+            hashes[str(step)] = parameter_sha256(model)
             history.append({"step": step, "train_loss": float(np.mean(losses[-20:])) if losses
-                            else None, "heldout_loss": held_loss,
-                            "wall_time_s": time.perf_counter() - t0})
+                            else None, "heldout_loss": held_loss})
+            if timings is not None:
+                timings[f"step{step}_wall_time_s"] = time.perf_counter() - t0
             if progress:
                 print(f"step {step}: held-out loss {held_loss:.3f}", flush=True)
         if step == total:
@@ -297,7 +308,7 @@ def train_local(
     return {"source": "local", "seed": seed, "steps": steps, "n_params": sum(p.numel() for p in model.parameters()),
             "config": model.config.to_dict(), "n_train_tokens": len(stream),
             "heldout_topics": sorted(held_docs), "n_heldout_tokens": len(held_stream),
-            "history": history, "train_wall_time_s": time.perf_counter() - t0}
+            "history": history, "parameter_sha256": hashes}
 
 
 def fetch_hub(out_dir: str | os.PathLike, *, repo_id: str, steps: list[int],
@@ -308,6 +319,7 @@ def fetch_hub(out_dir: str | os.PathLike, *, repo_id: str, steps: list[int],
 
     steps = check_steps(steps)
     n_params = None
+    hashes = {}
     for step in steps:
         if Path(repo_id).is_dir():
             model = AutoModelForCausalLM.from_pretrained(
@@ -321,20 +333,26 @@ def fetch_hub(out_dir: str | os.PathLike, *, repo_id: str, steps: list[int],
             raise ValueError(f"step {step} has {n} parameters, earlier steps {n_params}")
         n_params = n
         model.save_pretrained(_step_dir(out_dir, step))
+        hashes[str(step)] = parameter_sha256(model)
         if progress:
             print(f"step {step}: {n:,} parameters", flush=True)
     return {"source": "hub", "repo_id": str(repo_id), "steps": steps, "n_params": n_params,
-            "config": model.config.to_dict()}
+            "config": model.config.to_dict(), "parameter_sha256": hashes}
 
 
 def fetch_stage(*, checkpoints_dir: str, source: str, steps: list[int], tokenizer_path: str,
                 repo_id: str, hidden: int, layers: int, heads: int, intermediate: int,
                 seq_len: int, batch_size: int, lr: float, warmup: int, weight_decay: float,
                 betas: list[float], adam_eps: float, grad_clip: float, n_heldout: int,
-                seed: int, progress: bool = True) -> dict[str, Any]:
+                seed: int, known_duplicates: list[list[int]] | None = None,
+                progress: bool = True) -> dict[str, Any]:
     """Run the ``fetch_pythia`` stage: write ``checkpoints_dir`` (see the module docstring)
-    atomically (built beside it, then renamed). Returns the manifest."""
+    atomically (built beside it, then renamed). Returns the manifest, which records the
+    SHA-256 of every step's parameters: two steps with identical weights are an error (public
+    Pythia revisions have been byte-identical across steps) unless the pair is listed in
+    ``known_duplicates`` (``[[a, b], ...]``)."""
     steps = check_steps(steps)
+    known_duplicates = [list(map(int, pair)) for pair in (known_duplicates or [])]
     if source not in ("hub", "local"):
         raise ValueError(f"source must be 'hub' or 'local', got {source!r}")
     for name, value in {"hidden": hidden, "layers": layers, "heads": heads,
@@ -349,6 +367,8 @@ def fetch_stage(*, checkpoints_dir: str, source: str, steps: list[int], tokenize
     tokenizer = load_tokenizer(tokenizer_path)
     out = Path(checkpoints_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, Any] = {}
+    t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if source == "local":
@@ -357,9 +377,12 @@ def fetch_stage(*, checkpoints_dir: str, source: str, steps: list[int], tokenize
                 heads=heads, intermediate=intermediate, seq_len=seq_len, batch_size=batch_size,
                 lr=lr, warmup=warmup, weight_decay=weight_decay, betas=tuple(betas),
                 adam_eps=adam_eps, grad_clip=grad_clip, n_heldout=n_heldout, seed=seed,
-                progress=progress)
+                progress=progress, timings=timings)
         else:
             manifest = fetch_hub(tmp, repo_id=repo_id, steps=steps, progress=progress)
+        check_distinct_steps(manifest["parameter_sha256"], known_duplicates,
+                             key="fetch_pythia.known_duplicates")
+        manifest["known_duplicates"] = known_duplicates
         tokenizer.save_pretrained(tmp / "tokenizer")
         manifest["tokenizer"] = str(tokenizer_path)
         write_json_atomic(tmp / MANIFEST, manifest)
@@ -370,6 +393,7 @@ def fetch_stage(*, checkpoints_dir: str, source: str, steps: list[int], tokenize
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    write_timings(out, {**timings, "wall_time_s": time.perf_counter() - t0})
     return manifest
 
 
@@ -602,7 +626,8 @@ def estimate_stage(
 
     def true_nu(model, state, step):
         if state is not None:
-            return localvol.adam_moment(model, state, order=2).float()
+            # the state saved before the first update holds no moments: ν = 0 is the truth there
+            return localvol.adam_moment(model, state, order=2, allow_never_stepped=step == 0).float()
         if raw_checkpoint_dir:
             path = Path(raw_checkpoint_dir) / f"global_step{step}" / "mp_rank_00_model_states.pt"
             if path.exists():
@@ -615,12 +640,14 @@ def estimate_stage(
 
     results: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
+    timings: dict[str, Any] = {}
+    t_stage = time.perf_counter()
 
     def run(key, model, anchor, cost, *, k, cut, nu=None, eps=None, meta=None):
         record, arr = run_estimate(cost, anchor, prior=prior, cutoff=cut, n_samples=k, nu=nu,
                                    eps=eps, exponent=exponent, rtol=rtol, seed=seed,
                                    batch_size=direction_batch_size, progress_dir=checkpoint_dir,
-                                   key=key, meta=meta, progress=progress,
+                                   key=key, meta=meta, progress=progress, timings=timings,
                                    salt=(eval_source, n_eval_docs, max_eval_tokens, str(device)))
         results[key] = record
         arrays.update(arr)
@@ -630,8 +657,12 @@ def estimate_stage(
     comparison = {}
     kl_time = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hashes: dict[str, str] = {}
     for step in steps:
         model, state = load_checkpoint(checkpoints_dir, step)
+        hashes[str(step)] = _verified_hash(model, step, manifest)
+        check_distinct_steps(hashes, manifest.get("known_duplicates", []),
+                             key="fetch_pythia.known_duplicates")
         model.to(device)
         anchor = _flat(model)  # (N,) float32, on the GPU when there is one
         cost = localvol.ExpectedKL(model, ev["input_ids"], batch_size=data_batch_size,
@@ -661,7 +692,7 @@ def estimate_stage(
         if compare_squared_gradients and adam_source == "optimizer_state":
             t0 = time.perf_counter()
             nu_sq = sq_nu(model)
-            sq_time = time.perf_counter() - t0
+            timings["squared_gradient_wall_time_s"] = time.perf_counter() - t0
             rec = run("hist_sqgrad", model, anchor, cost, k=k_histogram, cut=cutoff, nu=nu_sq,
                       eps=adam_eps, meta={**base, "series": f"squared-gradient EMA ν, ε={adam_eps:g}",
                                           "figure": 2})
@@ -670,7 +701,6 @@ def estimate_stage(
                 "log10_volume_true_nu": results["hist_adam"]["log10_volume"],
                 "log10_volume_squared_gradients": rec["log10_volume"],
                 "log10_volume_naive": results["hist_naive"]["log10_volume"],
-                "squared_gradient_wall_time_s": sq_time,
             })
             comparison["difference_log10"] = (comparison["log10_volume_squared_gradients"]
                                               - comparison["log10_volume_true_nu"])
@@ -687,7 +717,6 @@ def estimate_stage(
                    "device": str(device)},
         "eval_tokens": {"shape": list(ev["input_ids"].shape), "n_real_tokens": ev["n_real_tokens"],
                         "n_padding_tokens": ev["n_padding_tokens"]},
-        "kl_evaluation_s": kl_time,
         "squared_gradient_comparison": comparison,
         "training_history": manifest.get("history", []),
         "estimates": results,
@@ -695,7 +724,23 @@ def estimate_stage(
     write_json_atomic(estimates_path, summary)
     save_npz_atomic(samples_path, **arrays)
     write_json_atomic(metrics_path, metrics_from_summary(summary))
+    write_timings(estimates_path, {"kl_evaluation_s": kl_time, "estimates": timings,
+                                   "wall_time_s": time.perf_counter() - t_stage})
+    clear_progress(checkpoint_dir)
     return summary
+
+
+def _verified_hash(model, step: int, manifest: dict) -> str:
+    """SHA-256 of a loaded checkpoint's parameters, checked against the fetch stage's record."""
+    digest = parameter_sha256(model)
+    recorded = manifest.get("parameter_sha256", {}).get(str(step))
+    if recorded is None:
+        raise ValueError(f"the manifest has no parameter hash for step {step}: checkpoints from an "
+                         "older fetch_pythia; rerun it (dvc repro -f fetch_pythia)")
+    if recorded != digest:
+        raise ValueError(f"step{step}/ holds other weights than fetch_pythia recorded (SHA-256 "
+                         f"{digest[:12]} vs {recorded[:12]}): the checkpoint changed after the fetch")
+    return digest
 
 
 def _manifest_seed(manifest: dict) -> int:
