@@ -101,7 +101,11 @@ def test_stage_notebooks_run_in_order_with_tiny_parameters(workdir, monkeypatch)
     for name, r in summary["estimates"].items():
         assert np.isfinite(r["log10_volume"]), name
         assert r["log10_volume"] <= r["max_sample_log10"] + 1e-9
-        assert r["wall_time_s"] > 0 and r["cost_evaluations"] > 0
+        assert r["cost_evaluations"] > 0 and "wall_time_s" not in r  # DVC outs hold no timings
+        assert r["preconditioner_is_identity"] == (name == "naive")
+    timings = json.loads(Path("results/mlp/estimates.timings.json").read_text())
+    assert all(timings["estimates"][name] > 0 for name in summary["estimates"])
+    assert not Path("results/checkpoints/estimate_mlp").exists()  # no resume state left behind
     with np.load("results/mlp/samples.npz") as z:
         assert z["naive__samples"].shape == (12,) and z["hesscale__samples"].shape == (6,)
     em = json.loads(Path("results/mlp/estimate_metrics.json").read_text())
@@ -119,11 +123,17 @@ def test_stage_notebooks_run_in_order_with_tiny_parameters(workdir, monkeypatch)
 
 
 def test_mistyped_notebook_parameter_fails_the_run(tmp_path, monkeypatch):
-    """papermill only warns about an unknown parameter; the notebook's check makes it fatal
-    (ill-typed values: tests/test_stages.py)."""
+    """papermill only warns about an unknown parameter; run_notebook refuses it before running,
+    and the notebook's own check refuses an ill-typed value (more: tests/test_stages.py)."""
     import papermill
 
+    from localvol.stages import ParameterError
+
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(papermill.PapermillExecutionError, match="did you mean 'n_train'"):
+    with pytest.raises(ParameterError, match="did you mean 'n_train'"):
         run_notebook(NOTEBOOKS / "split_digits.ipynb", tmp_path / "out.ipynb",
                      {"n_trian": 10}, stream=False)
+    assert not (tmp_path / "out.ipynb").exists()
+    with pytest.raises(papermill.PapermillExecutionError, match="expected int"):
+        run_notebook(NOTEBOOKS / "split_digits.ipynb", tmp_path / "out.ipynb",
+                     {"n_train": "ten"}, stream=False)

@@ -5,6 +5,7 @@ parameter makes only the plot stage stale. Plus static checks of the DVC configu
 
 import configparser
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,13 +35,30 @@ def repo_files() -> list[Path]:
 
 
 def run(cmd: list[str], cwd: Path) -> str:
+    # the copy's own lib/ first, so that an edit to the copy's code is the code that runs
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               HF_HUB_OFFLINE="1")
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(cwd / "lib"))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout + proc.stderr
+
+
+def _out_hashes(work: Path) -> dict[str, str]:
+    """{out path: md5} of every stage's outs in dvc.lock."""
+    lock = YAML(typ="safe").load((work / "dvc.lock").read_text())
+    return {o["path"]: o.get("md5") for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def _log10_volumes(work: Path) -> dict[str, float]:
+    """Every published estimate's log10 volume, keyed by experiment and estimate."""
+    out = {}
+    for experiment in ("mlp", "pythia", "convnext"):
+        summary = json.loads((work / "results" / experiment / "estimates.json").read_text())
+        for key, record in summary["estimates"].items():
+            out[f"{experiment}/{key}"] = record["log10_volume"]
+    return out
 
 
 def test_dvc_config_turns_off_analytics_and_update_checks():
@@ -115,6 +133,33 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
 
     # nothing changed: nothing runs
     assert "Running stage" not in run([dvc, "repro"], work)
+    # finished estimate stages leave no resume state behind (issue 9 §1)
+    assert not list((work / "results" / "checkpoints").glob("*/*")), "stale progress files"
+
+    # an identical forced rerun leaves every DVC-tracked out byte-identical (issue 9 §7): wall
+    # times live in *.timings.json files that no stage declares
+    lock = _out_hashes(work)
+    run([dvc, "repro", "-f"], work)
+    relock = _out_hashes(work)
+    changed = sorted(p for p in lock if lock[p] != relock.get(p) and not p.endswith(".ipynb"))
+    assert not changed, f"outs that differ between two identical runs: {changed}"
+
+    # a code change that moves every per-sample term by exactly log 2 (issue 9 §1) reruns the
+    # estimate stages and moves every published log10 volume by exactly log10 2
+    volumes = _log10_volumes(work)
+    ray = work / "lib" / "localvol" / "ray_integral.py"
+    old = "return float(np.log(2.0) + 0.5 * n * np.log(np.pi) - gammaln(0.5 * n))"
+    assert old in ray.read_text()
+    ray.write_text(ray.read_text().replace(old, old[:-1] + " + np.log(2.0))"))
+    out = run([dvc, "repro"], work)
+    for stage in ("estimate_mlp", "estimate_pythia", "estimate_convnext"):
+        assert f"Running stage '{stage}'" in out
+    moved = _log10_volumes(work)
+    assert set(moved) == set(volumes) and len(volumes) > 50
+    for key, value in volumes.items():
+        assert moved[key] - value == pytest.approx(math.log10(2), abs=1e-6), key
+    ray.write_text(ray.read_text().replace(old[:-1] + " + np.log(2.0))", old))
+    run([dvc, "repro"], work)  # back to the real code for the check below
     # a plot parameter changed: only plot_mlp is stale
     (tmp_path / "bins.yaml").write_text("plot_mlp:\n  bins: 9\n")
     run([python, "-m", "localvol.stages", "apply-profile", str(tmp_path / "bins.yaml")], work)

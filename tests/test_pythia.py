@@ -187,6 +187,13 @@ def test_pythia_stage_notebooks_run_in_order_with_tiny_parameters(tmp_path, monk
     # step 0: prior term is exactly −N/2 nats (σ is its RMS); Adam ν = 0 there, so Adam = naive
     assert est["ckpt_naive_step0"]["log_prior_at_anchor"] == pytest.approx(-c["n_params"] / 2)
     assert est["ckpt_adam_step0"]["log_volume"] == pytest.approx(est["ckpt_naive_step0"]["log_volume"])
+    # ... and every result says whether its preconditioner was the identity
+    assert est["ckpt_adam_step0"]["preconditioner_is_identity"] is True
+    assert est["ckpt_adam_step2"]["preconditioner_is_identity"] is False
+    manifest = pythia.read_manifest(ck)
+    assert set(manifest["parameter_sha256"]) == {"0", "2"}
+    assert not Path("results/checkpoints/estimate_pythia").exists()  # no resume state left behind
+    assert "kl_evaluation_s" in json.loads(Path("results/pythia/estimates.timings.json").read_text())
     for key, r in est.items():
         assert np.isfinite(r["log10_volume"]), key
         assert r["log10_volume"] == pytest.approx(r["log10_prior_at_anchor"] + r["log10_neighbourhood"])

@@ -8,6 +8,7 @@ Costs are plain differentiable functions, so ``torch.func`` can take their Hessi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -20,6 +21,19 @@ __all__ = ["ExpectedKL", "CrossEntropyCost", "QuadraticCost"]
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Run the body with every submodule in eval mode (dropout / drop-path off), then put back
+    each submodule's own ``training`` flag (a model may mix train and eval submodules)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 class QuadraticCost:
@@ -57,17 +71,27 @@ class _ModelCost:
                     f"parameter {name} is {p.dtype}: costs are evaluated in float32 or better, "
                     "never in half precision (REPLICATION.md §7.3); call model.float() first"
                 )
+        dtypes = {p.dtype for _, p in named}
+        devices = {p.device for _, p in named}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(
+                f"the model's parameters mix dtypes {sorted(map(str, dtypes))} / devices "
+                f"{sorted(map(str, devices))}: a flat parameter vector has one dtype and device; "
+                "convert the model first (e.g. model.to(device, torch.float32))"
+            )
         if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         if mask is not None and mask.shape != inputs.shape[: mask.ndim]:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match inputs {tuple(inputs.shape)}")
-        model.eval()  # dropout / drop-path off: the cost must be deterministic
+        # The model's train/eval mode is left as found: the cost switches to eval mode (dropout /
+        # drop-path off, so it is deterministic) only while it evaluates (see _eval_mode).
         self.model = model
         self.names = [name for name, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]
         self.n_params = sum(self.sizes)
         device, dtype = named[0][1].device, named[0][1].dtype
+        self.device, self.dtype = device, dtype
         if len(inputs) == 0:
             raise ValueError("inputs is empty: the cost needs at least one data item")
         # float inputs follow the parameters' dtype (a float64 model gets float64 images)
@@ -75,6 +99,50 @@ class _ModelCost:
         self.mask = None if mask is None else mask.to(device)
         self.batch_size = len(inputs) if batch_size is None else int(batch_size)
         self._vmap_ok = bool(vectorize)
+
+    def _anchor_logits(self, sl: slice) -> torch.Tensor:
+        """Logits of the model at its own parameters on the data batch ``sl``, in eval mode,
+        without gradients; their shape is checked (see :meth:`_check_logits`)."""
+        anchor = {n: p.detach() for n, p in self.model.named_parameters()}
+        mask = None if self.mask is None else self.mask[sl]
+        with torch.no_grad(), _eval_mode(self.model):
+            logits = self._logits(anchor, self.inputs[sl], mask)
+        self._check_logits(logits, len(self.inputs[sl]), mask)
+        return logits
+
+    @staticmethod
+    def _check_logits(logits: torch.Tensor, n_items: int, mask) -> None:
+        """Logits must be (items, ..., C) with C ≥ 2 classes, (items, T, C) with a mask (items, T).
+
+        Raises:
+            ValueError: no class axis, a first axis other than the data batch's, a shape that
+                does not match the attention mask, or a single class.
+        """
+        shape = tuple(logits.shape)
+        if logits.ndim < 2:
+            raise ValueError(
+                f"the model's output has shape {shape} for a data batch of {n_items} items: logits "
+                "must be (items, ..., C) with a class axis C (for a scalar output per item, e.g. "
+                "a binary classifier's logit z, return torch.stack([-z / 2, z / 2], -1) or the "
+                "two-class logits)"
+            )
+        if shape[0] != n_items:
+            raise ValueError(
+                f"the model's output has shape {shape} for a data batch of {n_items} items: logits "
+                "must be (items, ..., C), one row per data item"
+            )
+        if mask is not None and shape[:-1] != tuple(mask.shape):
+            raise ValueError(
+                f"the model's output has shape {shape} but the attention mask is "
+                f"{tuple(mask.shape)}: logits must be (items, T, C) with (items, T) the mask's shape"
+            )
+        if shape[-1] < 2:
+            raise ValueError(
+                f"the model's output has {shape[-1]} class (shape {shape}): a single-class output "
+                "makes the KL identically 0 (softmax over one class is 1), so every radius would "
+                "be infinite; use a model with C ≥ 2 output logits (e.g. two-class logits "
+                "[−z/2, z/2] for a binary logit z)"
+            )
 
     def _unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, N) -> {name: (B, *shape)}."""
@@ -110,9 +178,38 @@ class _ModelCost:
         return torch.stack([self._logits({k: v[b] for k, v in params.items()}, x, mask) for b in range(len(theta))])
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
-        """Costs of a (B, N) batch of flat parameter vectors: (B,) tensor in float32 or float64."""
+        """Costs of a (B, N) batch of flat parameter vectors: (B,) float64 tensor (nats).
+
+        The model runs in eval mode during the call; each submodule's train/eval mode is
+        restored afterwards.
+
+        Raises:
+            ValueError: theta not a (B, N) tensor, or its dtype / device not the model
+                parameters' (the cost does not convert theta).
+        """
+        if not isinstance(theta, torch.Tensor):
+            raise ValueError(f"theta must be a (B, {self.n_params}) torch.Tensor, got {type(theta).__name__}")
         if theta.ndim != 2 or theta.shape[1] != self.n_params:
             raise ValueError(f"theta must have shape (B, {self.n_params}), got {tuple(theta.shape)}")
+        if theta.dtype != self.dtype:
+            convert = {torch.float32: ".float()", torch.float64: ".double()"}
+            raise ValueError(
+                f"theta is {theta.dtype} but the model's parameters are {self.dtype}: the cost "
+                f"does not convert; pass theta as {self.dtype} (e.g. "
+                f"anchor{convert.get(self.dtype, f'.to({self.dtype})')}) or build the cost on a "
+                f"{theta.dtype} model (e.g. model{convert.get(theta.dtype, f'.to({theta.dtype})')}, "
+                "with the anchor taken from it)"
+            )
+        if theta.device != self.device:
+            raise ValueError(
+                f"theta is on {theta.device} but the model's parameters are on {self.device}: "
+                f"move theta with theta.to('{self.device}') (or the model to {theta.device} before "
+                "building the cost)"
+            )
+        with _eval_mode(self.model):
+            return self._cost(theta)
+
+    def _cost(self, theta: torch.Tensor) -> torch.Tensor:
         total = theta.new_zeros(theta.shape[0], dtype=torch.float64)
         weight = 0.0
         for start in range(0, len(self.inputs), self.batch_size):
@@ -140,8 +237,10 @@ class ExpectedKL(_ModelCost):
     (``attention_mask`` 1), the same global token mean as the paper's code.
 
     Args:
-        model: nn.Module returning logits (…, C) or an output with ``.logits``; float32/64
-            parameters (half precision raises ValueError). Put in eval mode.
+        model: nn.Module returning logits (n, …, C), C ≥ 2, or an output with ``.logits``;
+            float32/64 parameters (half precision raises ValueError), all of one dtype and
+            device. The cost evaluates it in eval mode (dropout / drop-path off) and puts each
+            submodule's train/eval mode back afterwards.
         inputs: (n, …) tensor of inputs (images, token ids).
         batch_size: data items per forward pass (None: all at once).
         attention_mask: optional (n, T) tensor of 0/1 (1 = real token).
@@ -149,20 +248,23 @@ class ExpectedKL(_ModelCost):
             one after another (False: faster for convolutional networks on CPU, where vmap
             turns each convolution into a slower grouped one).
 
-    Calling it with a (B, N) tensor returns (B,) float64 costs, 0 at the anchor up to
-    rounding. Memory per call ≈ B × batch_size × (activations + logits).
+    Calling it with a (B, N) tensor of the parameters' dtype and device returns (B,) float64
+    costs, 0 at the anchor up to rounding. Memory per call ≈ B × batch_size × (activations +
+    logits).
+
+    Raises:
+        ValueError: half-precision or mixed-dtype/device parameters; bad batch_size or mask;
+            empty inputs; logits (computed at the anchor) without a class axis, with one
+            class only (the KL would be identically 0), or not matching the data batch or the
+            attention mask's (n, T).
     """
 
     def __init__(self, model, inputs, *, batch_size=None, attention_mask=None, vectorize=True):
         super().__init__(model, inputs, batch_size, attention_mask, vectorize)
-        anchor = {n: p.detach() for n, p in model.named_parameters()}
-        with torch.no_grad():
-            parts = []
-            for start in range(0, len(self.inputs), self.batch_size):
-                sl = slice(start, start + self.batch_size)
-                mask = None if self.mask is None else self.mask[sl]
-                logits = self._logits(anchor, self.inputs[sl], mask)
-                parts.append(torch.log_softmax(logits.to(_at_least_float32(logits.dtype)), -1))
+        parts = []
+        for start in range(0, len(self.inputs), self.batch_size):
+            logits = self._anchor_logits(slice(start, start + self.batch_size))  # shape-checked
+            parts.append(torch.log_softmax(logits.to(_at_least_float32(logits.dtype)), -1))
         self.anchor_log_probs = torch.cat(parts)  # (n, ..., C)
 
     def _item_losses(self, logits, sl):
@@ -176,8 +278,13 @@ class CrossEntropyCost(_ModelCost):
 
     Args:
         model: as for :class:`ExpectedKL`. inputs: (n, …) tensor. targets: (n,) int64 labels
-        (or (n, T) token targets with ``attention_mask``). batch_size: data items per pass.
-        vectorize: as for :class:`ExpectedKL`.
+        (or (n, T) token targets with ``attention_mask``), in [0, C). batch_size: data items
+        per pass. vectorize: as for :class:`ExpectedKL`.
+
+    Raises:
+        ValueError: as for :class:`ExpectedKL` (the logits are checked on one forward pass of
+            the first data batch), and targets whose shape is not the logits' without the
+            class axis, or whose values are not integer labels in [0, C).
     """
 
     def __init__(self, model, inputs, targets, *, batch_size=None, attention_mask=None,
@@ -186,6 +293,22 @@ class CrossEntropyCost(_ModelCost):
         if targets.shape != inputs.shape[: targets.ndim] or targets.shape[0] != len(inputs):
             raise ValueError(f"targets shape {tuple(targets.shape)} does not match inputs {tuple(inputs.shape)}")
         self.targets = targets.to(self.inputs.device)
+        # one forward pass on the first data batch checks the output's shape (C ≥ 2 classes)
+        logits = self._anchor_logits(slice(0, self.batch_size))
+        n_classes = logits.shape[-1]
+        if tuple(targets.shape[1:]) != tuple(logits.shape[1:-1]):
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} does not match the model's logits "
+                f"{tuple(logits.shape)} (first data batch): targets must be the logits' shape "
+                "without the class axis, (n,) for (n, C) logits or (n, T) for (n, T, C)"
+            )
+        if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+            raise ValueError(f"targets must be integer class labels, got {targets.dtype}")
+        if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= n_classes):
+            raise ValueError(
+                f"targets must be class labels in [0, {n_classes}) for the model's {n_classes} "
+                f"classes, got values in [{int(targets.min())}, {int(targets.max())}]"
+            )
 
     def _item_losses(self, logits, sl):
         log_q = torch.log_softmax(logits.to(_at_least_float32(logits.dtype)), -1)

@@ -21,30 +21,32 @@ class GaussianPrior:
     """Gaussian measure N(0, diag(σ²)) centred at the ORIGIN (not at the anchor), paper §3.3.
 
     Args:
-        sigma: standard deviation (not variance), in parameter units: a positive float
-            (isotropic), or a (N,) tensor/array of per-parameter standard deviations.
+        sigma: standard deviation (not variance), in parameter units: a positive real number
+            (float, int, NumPy scalar or 0-d tensor/array: isotropic), or a (N,) float/int
+            tensor, array or list of per-parameter standard deviations.
 
     Raises:
-        ValueError: if sigma is not finite and > 0, or not a scalar / 1-D vector.
+        ValueError: if sigma is not numeric (str, None, bool, complex, strings in a list...),
+            not finite and > 0, or not a scalar / 1-D vector.
     """
 
     def __init__(self, sigma):
-        if isinstance(sigma, (int, float)):
+        if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
             if not math.isfinite(sigma) or sigma <= 0:
                 raise ValueError(f"sigma must be a finite standard deviation > 0, got {sigma!r}")
             self.sigma = float(sigma)
-        else:
-            s = torch.as_tensor(sigma)
-            if s.ndim == 0:
-                self.__init__(float(s))
-                return
-            if s.ndim != 1:
-                raise ValueError(f"sigma must be a float or a 1-D (N,) tensor, got shape {tuple(s.shape)}")
-            bad = ~torch.isfinite(s) | (s <= 0)
-            if bad.any():
-                i = int(bad.nonzero()[0])
-                raise ValueError(f"sigma must be finite and > 0 everywhere, got sigma[{i}] = {s[i].item()!r}")
-            self.sigma = s
+            return
+        s = _numeric_tensor(sigma)
+        if s.ndim == 0:
+            self.__init__(float(s))
+            return
+        if s.ndim != 1:
+            raise ValueError(f"sigma must be a float or a 1-D (N,) tensor, got shape {tuple(s.shape)}")
+        bad = ~torch.isfinite(s) | (s <= 0)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"sigma must be finite and > 0 everywhere, got sigma[{i}] = {s[i].item()!r}")
+        self.sigma = s
 
     def __repr__(self):
         if isinstance(self.sigma, float):
@@ -108,6 +110,30 @@ class GaussianPrior:
             + log_int
             + n * np.asarray(log_u_norm, dtype=np.float64)
         )
+
+
+def _numeric_tensor(sigma) -> torch.Tensor:
+    """sigma as a real (float or integer dtype) tensor; ValueError naming it if it is not numeric."""
+    shown = repr(sigma)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    message = (
+        "sigma must be a positive float or a 1-D tensor of standard deviations, "
+        f"got {type(sigma).__name__} {shown}"
+    )
+    if sigma is None or isinstance(sigma, (str, bytes, bool, dict, set)):
+        raise ValueError(message)
+    # a Python list of floats would become float32 (the default dtype): keep float64
+    dtype = torch.float64 if isinstance(sigma, (list, tuple)) else None
+    try:
+        s = torch.as_tensor(sigma, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as err:  # strings, None, ragged lists, objects
+        raise ValueError(message) from err
+    if s.dtype == torch.bool or not (s.is_floating_point() or s.dtype in _INTEGER_DTYPES):
+        raise ValueError(message)  # bool or complex
+    return s
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)

@@ -104,17 +104,29 @@ def log_gaussian_ray_integral(a, b, n, r):
         t_star = np.where(b >= 0, (b + disc) / (2.0 * a), 2.0 * m / (disc - b))
     t_star = np.where(np.isfinite(t_star), t_star, 0.0)
     tp = np.minimum(t_star, r)  # peak of the integrand on [0, r]
-    # Scaled coordinate t = tp + s y with s = tp (for n = 1, where there is no log term, the
-    # shortest of r, the Gaussian width and the decay length): Δg(y) = g(t) − g(tp) is then
-    # computed without cancellation (see _delta_g).
-    with np.errstate(divide="ignore"):
-        s = tp if m > 0 else np.minimum(np.minimum(r, 1.0 / np.sqrt(a)), 1.0 / np.abs(b))
-    A = a * s * s
-    # C = (b − a tp) s; at an interior peak b − a tp = −m/tp exactly (g'(tp) = 0), which avoids
-    # the cancellation of b − a tp when both are huge
-    interior = (t_star < r) & (m > 0)
+    # Slope of the quadratic part at the peak, b − a tp (nats per unit t). Its error times the
+    # window's width in t must stay well below a nat, so it must be accurate relative to itself,
+    # not just to b: for a = 1e-100, b = 1e6 the rounding error of a·tp, ~1e-16 b = 1e-10, over a
+    # window ~1e51 wide gave Δg ~ +1e41 nats, and exp overflowed (log ∫_0^∞ exp(−a t²/2 + b t) dt
+    # came out +inf instead of ≈ 5e111). So:
+    # - at an interior peak, g'(tp) = 0 gives b − a tp = −m/tp exactly (0 for n = 1, b > 0);
+    # - at the endpoint tp = r, b − a r is computed with an exact product (_b_minus_at);
+    # - if that exact g'(r) is ≤ 0 although t_star ≥ r, the true maximum lies within rounding of
+    #   t_star below r: the peak is interior (g'(tp) = 0), up to a change of g of relative size
+    #   ~1e-32.
     with np.errstate(divide="ignore", invalid="ignore"):
-        C = np.where(interior, -m * s / np.where(tp > 0, tp, 1.0), (b - a * tp) * s)
+        tp_pos = np.where(tp > 0, tp, 1.0)
+        slope_exact = _b_minus_at(b, a, tp)
+        g_prime_r = slope_exact + np.where(tp > 0, m / tp_pos, 0.0)
+        interior = (tp > 0) & ((t_star < r) | (g_prime_r <= 0))
+        slope = np.where(interior, -m / tp_pos, slope_exact)
+    # Scaled coordinate t = tp + s y with s = tp (for n = 1, where there is no log term, the
+    # shortest of r, the Gaussian width 1/√a and the decay length 1/|b − a tp| at the peak):
+    # Δg(y) = g(t) − g(tp) is then computed without cancellation (see _delta_g).
+    with np.errstate(divide="ignore"):
+        s = tp if m > 0 else np.minimum(np.minimum(r, 1.0 / np.sqrt(a)), 1.0 / np.abs(slope))
+    A = a * s * s
+    C = slope * s  # (b − a tp) s
     ratio = np.where(tp > 0, s / np.where(tp > 0, tp, 1.0), 0.0)
 
     def below_window(y):
@@ -145,6 +157,29 @@ def log_gaussian_ray_integral(a, b, n, r):
     with np.errstate(divide="ignore", invalid="ignore"):
         g_peak = -0.5 * a * tp * tp + b * tp + np.where(m > 0, m * np.log(tp), 0.0)
     return (np.log(s) + g_peak + np.log(quad)).reshape(shape)
+
+
+def _b_minus_at(b, a, t):
+    """b − a·t accurate to ~1e-16 of |b − a·t| itself, elementwise (float64 arrays, one shape).
+
+    a·t is split exactly into p + err (Dekker's product with Veltkamp's splitting), so when
+    b ≈ a·t the difference is not swamped by the rounding error of a·t (~1e-16 |b|): b − p is
+    then exact (Sterbenz) and only the final subtraction rounds. Where the splitting overflows
+    (|a| or |t| beyond ~1e300) it falls back to the plain b − a·t.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = a * t
+
+        def split(x):  # x = hi + lo with hi holding the top 26 bits: hi·hi is exact
+            c = 134217729.0 * x  # 2^27 + 1
+            hi = c - (c - x)
+            return hi, x - hi
+
+        a_hi, a_lo = split(a)
+        t_hi, t_lo = split(t)
+        err = ((a_hi * t_hi - p) + a_hi * t_lo + a_lo * t_hi) + a_lo * t_lo  # a·t − p, exactly
+        out = (b - p) - err
+    return np.where(np.isfinite(out), out, b - p)
 
 
 def _delta_g(y, A, C, m, ratio):
