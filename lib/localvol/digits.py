@@ -316,8 +316,10 @@ def save_trained(out_dir: str | Path, result: TrainResult) -> dict[str, Path]:
              "config": out_dir / CONFIG_FILE}
     with atomic_path(paths["model"]) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    with atomic_path(paths["optimizer"]) as tmp:
-        torch.save(result.optimizer.state_dict(), tmp)
+    # through a file object: torch.save names the archive's records after a path it is given,
+    # and the temporary path is random, so the bytes (and DVC's hash) would change every run
+    with atomic_path(paths["optimizer"]) as tmp, open(tmp, "wb") as f:
+        torch.save(result.optimizer.state_dict(), f)
     config = {"n_in": model[0].in_features, "hidden": model[0].out_features,
               "n_out": model[2].out_features, "activation": "gelu_tanh"}
     write_json_atomic(paths["config"], config)
