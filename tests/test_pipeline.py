@@ -155,7 +155,7 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
     for stage in ("estimate_mlp", "estimate_pythia", "estimate_convnext"):
         assert f"Running stage '{stage}'" in out
     moved = _log10_volumes(work)
-    assert set(moved) == set(volumes) and len(volumes) > 50
+    assert set(moved) == set(volumes) and len(volumes) >= 40  # every estimate of the tiny profile
     for key, value in volumes.items():
         assert moved[key] - value == pytest.approx(math.log10(2), abs=1e-6), key
     ray.write_text(ray.read_text().replace(old[:-1] + " + np.log(2.0))", old))
