@@ -1,0 +1,207 @@
+"""Notebook parameters: the check that runs inside every stage notebook, and the values
+``dvc.yaml`` hands each stage.
+
+Every stage notebook starts with a ``parameters`` cell of literal, annotated defaults::
+
+    seed: int = 0  # split seed
+    cutoff: float = 1e-2  # nats
+
+then, right after papermill's ``injected-parameters`` cell, one call::
+
+    P = check_parameters(globals())
+
+which turns papermill's warnings into errors: an injected name that the ``parameters`` cell does
+not declare (a typo) or a value of the wrong type raises :class:`ParameterError`.
+:func:`stage_parameters` reads the keys ``dvc.yaml`` lists for a stage from ``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ParameterError", "check_parameters", "stage_parameters", "load_yaml"]
+
+# Names IPython itself puts in a kernel's user namespace (underscore names are skipped anyway).
+_IPYTHON_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython", "open"})
+_PLAIN_DATA = (bool, int, float, str, list, dict, tuple, type(None))
+
+
+class ParameterError(ValueError):
+    """An unknown (probably mistyped) or ill-typed notebook parameter."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter checking
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` checked against annotation ``tp`` (int is accepted, and converted, where
+    a float is declared; bool is never an int). Raise ParameterError otherwise."""
+    if tp is Any or tp is typing.Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(name, value, option)
+            except ParameterError:
+                pass
+        raise ParameterError(f"parameter {name!r}: {value!r} matches none of {_type_name(tp)}")
+    if tp is None or tp is type(None):
+        if value is None:
+            return None
+        raise ParameterError(f"parameter {name!r}: expected None, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ParameterError(f"parameter {name!r}: expected float, got bool {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = (" (a YAML 1.1 loader reads '1e-2' as a string: write 1.0e-2 in "
+                        "params.yaml)")
+            except ValueError:
+                pass
+        raise ParameterError(
+            f"parameter {name!r}: expected float, got {type(value).__name__} {value!r}{hint}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+            return int(value)
+        raise ParameterError(
+            f"parameter {name!r}: expected int, got {type(value).__name__} {value!r}")
+    if tp in (bool, str):
+        if isinstance(value, tp):
+            return value
+        raise ParameterError(
+            f"parameter {name!r}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ParameterError(
+                f"parameter {name!r}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise ParameterError(
+                    f"parameter {name!r}: expected {len(args)} items, got {len(value)}")
+            return [_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
+        item = args[0] if args else Any
+        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ParameterError(
+                f"parameter {name!r}: expected a mapping, got {type(value).__name__} {value!r}")
+        ktp, vtp = args if args else (Any, Any)
+        return {_coerce(f"{name} key", k, ktp): _coerce(f"{name}[{k!r}]", v, vtp)
+                for k, v in value.items()}
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise ParameterError(
+            f"parameter {name!r}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    raise ParameterError(f"parameter {name!r}: unsupported annotation {tp!r}")
+
+
+def check_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
+    """Validate a notebook's parameters after papermill injected its overrides.
+
+    ``namespace`` is the notebook's ``globals()``. The declared parameters are the annotated
+    top-level names of the ``parameters`` cell (``namespace['__annotations__']``); papermill's
+    injected cell assigns without annotations. Every other top-level name holding plain data
+    (bool, int, float, str, list, dict, tuple, None) and not starting with ``_`` must therefore
+    be a mistyped or unknown injected parameter: that is an error, as is a value whose type does
+    not match its annotation. ints are converted to float where a float is declared, and the
+    converted values are written back into ``namespace``.
+
+    Returns the parameters as a dict (declaration order), ready to be passed as keyword
+    arguments to a ``lib`` function.
+    """
+    declared = dict(namespace.get("__annotations__", {}))
+    if not declared:
+        raise ParameterError(
+            "no annotated parameters found: the notebook's `parameters` cell must declare each "
+            "parameter as `name: type = default`")
+    unknown = sorted(
+        name for name, value in namespace.items()
+        if name not in declared and not name.startswith("_") and name not in _IPYTHON_NAMES
+        and isinstance(value, _PLAIN_DATA)
+    )
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, declared, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ParameterError(
+            f"unknown parameter(s) {', '.join(hints)}; this notebook declares: "
+            f"{', '.join(declared)}")
+    checked = {}
+    for name, tp in declared.items():
+        if name not in namespace:
+            raise ParameterError(f"parameter {name!r} is annotated but has no value")
+        checked[name] = _coerce(name, namespace[name], tp)
+        namespace[name] = checked[name]
+    return checked
+
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read YAML 1.2 (ruamel, as DVC does: ``1e-2`` is a float) into plain Python objects."""
+    from ruamel.yaml import YAML
+
+    with open(path) as f:
+        data = YAML(typ="safe", pure=True).load(f)
+    return json.loads(json.dumps(data))  # plain dict/list/float/int/str/None
+
+
+def _get_path(params: dict, dotted: str) -> Any:
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"{dotted!r} not found in params")
+        node = node[part]
+    return node
+
+
+def stage_parameters(stage: str, dvc_yaml: str | Path = "dvc.yaml",
+                     params_yaml: str | Path = "params.yaml") -> dict[str, Any]:
+    """The parameters DVC tracks for ``stage``, keyed by their last path component.
+
+    ``stages.<stage>.params`` in ``dvc.yaml`` lists dotted keys of ``params.yaml`` (or mappings
+    ``{file: [keys]}`` for other files, paths relative to ``dvc.yaml``). Two keys with the same
+    last component are an error.
+    """
+    dvc_yaml = Path(dvc_yaml)
+    stages = load_yaml(dvc_yaml).get("stages", {})
+    if stage not in stages:
+        raise KeyError(f"stage {stage!r} not in {dvc_yaml}; stages: {', '.join(stages)}")
+    entries = stages[stage].get("params", [])
+    sources: dict[Path, list[str]] = {}
+    for entry in entries:
+        if isinstance(entry, str):
+            sources.setdefault(Path(params_yaml), []).append(entry)
+        else:
+            for file, keys in entry.items():
+                sources.setdefault(dvc_yaml.parent / file, []).extend(keys)
+    out: dict[str, Any] = {}
+    for file, keys in sources.items():
+        params = load_yaml(file)
+        for key in keys:
+            leaf = key.rsplit(".", 1)[-1]
+            if leaf in out:
+                raise ValueError(f"stage {stage!r}: two parameters named {leaf!r}")
+            out[leaf] = _get_path(params, key)
+    return out

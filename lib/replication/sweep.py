@@ -1,0 +1,288 @@
+"""The one sweep driver every experiment uses: a list of estimate units, each a checkpoint ×
+series × cutoff with its preconditioner and k, run with resume, recorded in one format and
+summarised by one table and one metrics function.
+
+An experiment says only what differs: how to build the :class:`Point` of a checkpoint (its
+anchor, cost and preconditioners) and which :class:`Unit` s to estimate. :func:`run_sweep` loads
+each checkpoint once, runs its units in order through :func:`localvol.estimate_log_volume` with a
+resumable progress file per unit, and returns a :class:`Sweep`; :func:`write_sweep` writes the
+stage's estimates JSON, per-sample NPZ, metrics JSON and wall times, then deletes the progress
+folder.
+
+Every record holds ``log10_volume`` (the aggregate, logsumexp − log k), ``log10_prior_at_anchor``
+(−|θ0|²/(2σ²), REPLICATION.md §7.5), ``log10_neighbourhood`` (the rest),
+``cost_evaluations_per_sample``, ``preconditioner_is_identity`` and ``n_unbounded``, the unit's
+``series``, ``checkpoint`` and ``meta``, and the point's ``info``. Records hold no wall times (a
+rerun must write the same bytes); those go to the stage's ``*.timings.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+import localvol
+from localvol._reduce import checksum64
+from localvol.code_version import source_hash
+from replication.pipeline.files import save_npz_atomic, write_json_atomic, write_timings
+
+__all__ = ["Unit", "Point", "Sweep", "run_sweep", "write_sweep", "summary_table", "summary_metrics",
+           "check_counts", "check_cutoffs", "parameter_sha256", "check_distinct_steps",
+           "time_cost_call", "code_version"]
+
+LN10 = math.log(10.0)
+ARRAYS = ("samples", "radii", "cost_at_radius", "direction_norms", "evaluations")
+_REPLICATION = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One estimate of a sweep.
+
+    key: record name, unique in the sweep (and the prefix of its arrays, ``{key}__samples``).
+    checkpoint: the experiment's id of the anchor (``"step128"``, ``"clean/step64"``).
+    series: legend label (``"naive"``, ``"Adam ν, ε=1e-05"``).
+    preconditioner: ``"naive"`` or a name the point's ``preconditioner`` builder knows.
+    cutoff: nats of the cost. n_samples: k. eps: the preconditioner's ε (None for naive).
+    float64: evaluate this unit's cost and anchor in float64 (the point's ``float64`` copy).
+    meta: extra JSON fields of the record (figure, step, run, ...).
+    """
+
+    key: str
+    checkpoint: str
+    series: str
+    preconditioner: str
+    cutoff: float
+    n_samples: int
+    eps: float | None = None
+    float64: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Point:
+    """What the units at one checkpoint share, built once by the experiment.
+
+    anchor: (N,) float32/64 parameters θ0. cost: (B, N) -> (B,) nats, in the anchor's dtype.
+    preconditioner: ``(name, eps, exponent, dtype) -> preconditioner`` (eq. 15-18); ``name``
+        is a unit's ``preconditioner`` other than ``"naive"``.
+    info: JSON fields added to every record of this point (step, anchor RMS, ...).
+    float64: optional ``() -> (cost64, anchor64)``, called once, on the first unit that asks.
+    """
+
+    anchor: torch.Tensor
+    cost: Callable
+    preconditioner: Callable[[str, float | None, float, torch.dtype], Any] | None = None
+    info: dict = field(default_factory=dict)
+    float64: Callable[[], tuple[Callable, torch.Tensor]] | None = None
+
+
+@dataclass
+class Sweep:
+    """Output of :func:`run_sweep`: records (JSON-ready, by key), per-sample arrays
+    (``{key}__samples`` nats, ``__radii`` parameter units, ``__cost_at_radius`` cost units,
+    ``__direction_norms``, ``__evaluations``), wall times by key, and the first cost call's
+    seconds (``kl_evaluation_s``)."""
+
+    records: dict[str, dict] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+def code_version() -> str:
+    """Hash of the estimator's and this package's source files (keys every progress file)."""
+    return hashlib.sha256((source_hash() + source_hash(_REPLICATION)).encode()).hexdigest()
+
+
+def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rtol: float,
+              seed: int, batch_size: int, exponent: float, progress_dir: str | Path,
+              salt: tuple = (), progress: bool = True) -> Sweep:
+    """Run every unit, loading each checkpoint's :class:`Point` once (in order of first use).
+
+    Args:
+        units: the estimates, in the order to run them; keys must be unique.
+        load: checkpoint id -> :class:`Point`.
+        prior: :class:`localvol.GaussianPrior` (σ a std) or :class:`localvol.LebesguePrior`.
+        rtol, seed, batch_size: as :func:`localvol.estimate_log_volume` (batch = directions per
+            cost call); direction i of every unit depends only on (seed, i).
+        exponent: the preconditioners' p ∝ 1/(|s|^exponent + ε).
+        progress_dir: folder of resumable progress files, one per unit. A file's name hashes the
+            unit, the anchor, the preconditioner, ``salt`` (what else the cost depends on: the
+            evaluation data, the device) and :func:`code_version`, so changed settings or code
+            start afresh instead of resuming stale samples. :func:`write_sweep` deletes it.
+
+    Returns:
+        :class:`Sweep`. Raises ValueError for duplicate keys (and whatever the estimator raises).
+    """
+    units = list(units)
+    keys = [u.key for u in units]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate unit keys: {sorted({k for k in keys if keys.count(k) > 1})}")
+    sweep = Sweep()
+    t_start = time.perf_counter()
+    for checkpoint in dict.fromkeys(u.checkpoint for u in units):
+        point = load(checkpoint)
+        if "kl_evaluation_s" not in sweep.timings:
+            sweep.timings["kl_evaluation_s"] = time_cost_call(point.cost, point.anchor[None])
+        precise = None
+        for unit in (u for u in units if u.checkpoint == checkpoint):
+            cost, anchor = point.cost, point.anchor
+            if unit.float64:
+                if point.float64 is None:
+                    raise ValueError(f"unit {unit.key} asks for float64 but checkpoint {checkpoint} has no float64 copy")
+                precise = precise or point.float64()
+                cost, anchor = precise
+            precond = None
+            if unit.preconditioner != "naive":
+                precond = point.preconditioner(unit.preconditioner, unit.eps, exponent, anchor.dtype)
+            _run_unit(sweep, unit, point, cost, anchor, precond, prior=prior, rtol=rtol, seed=seed,
+                      batch_size=batch_size, progress_dir=progress_dir, salt=salt, progress=progress)
+    sweep.timings["wall_time_s"] = time.perf_counter() - t_start
+    return sweep
+
+
+def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, batch_size,
+              progress_dir, salt, progress) -> None:
+    path = Path(progress_dir) / _progress_name(unit, anchor, precond, prior, rtol, seed, salt)
+    t0 = time.perf_counter()
+    est = localvol.estimate_log_volume(
+        cost, anchor, cutoff=unit.cutoff, n_samples=unit.n_samples, prior=prior,
+        preconditioner=precond, rtol=rtol, batch_size=batch_size, seed=seed, progress=progress,
+        checkpoint_path=path)
+    record = est.to_dict()
+    record.update({"key": unit.key, "checkpoint": unit.checkpoint, "series": unit.series,
+                   "preconditioner_name": unit.preconditioner, "eps": unit.eps,
+                   "dtype": str(anchor.dtype).removeprefix("torch."), **point.info, **unit.meta})
+    lp = record["log_prior_at_anchor"]
+    record["log10_neighbourhood"] = None if lp is None else record["log_neighbourhood"] / LN10
+    record["cost_evaluations_per_sample"] = est.cost_evaluations / unit.n_samples
+    sweep.records[unit.key] = record
+    for name in ARRAYS:
+        sweep.arrays[f"{unit.key}__{name}"] = getattr(est, name)
+    seconds = time.perf_counter() - t0
+    sweep.timings[unit.key] = {"wall_time_s": seconds, "seconds_per_sample": seconds / unit.n_samples}
+    if progress:
+        terms = "" if lp is None else (f" (prior {record['log10_prior_at_anchor']:.6g}, "
+                                       f"neighbourhood {record['log10_neighbourhood']:.6g})")
+        print(f"{unit.key}: log10 volume {est.log10_volume:.6g}{terms}, "
+              f"{seconds / unit.n_samples:.3g} s/sample", flush=True)
+
+
+def _progress_name(unit: Unit, anchor, precond, prior, rtol, seed, salt) -> str:
+    parts = (code_version(), unit.key, unit.checkpoint, unit.cutoff, unit.n_samples, unit.eps,
+             unit.preconditioner, str(anchor.dtype), anchor.numel(), checksum64(anchor),
+             repr(precond), None if precond is None else checksum64(precond.scales),
+             repr(prior), rtol, seed, salt)
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16] + ".npz"
+
+
+def write_sweep(sweep: Sweep, *, config: dict, estimates_path: str | Path,
+                samples_path: str | Path, metrics_path: str | Path, progress_dir: str | Path,
+                metrics: dict | None = None, extra: dict | None = None) -> dict:
+    """Write a finished sweep: the estimates JSON (``{"config", **extra, "estimates"}``), the
+    per-sample NPZ, the metrics JSON (``metrics``, default :func:`summary_metrics` of every
+    record) and the wall times (``*.timings.json``, outside DVC); then delete ``progress_dir``
+    so no resume state is left for a later run to mistake for its own. Returns the summary."""
+    summary = {"config": config, **(extra or {}), "estimates": sweep.records}
+    write_json_atomic(estimates_path, summary)
+    save_npz_atomic(samples_path, **sweep.arrays)
+    write_json_atomic(metrics_path, summary_metrics(sweep.records) if metrics is None else metrics)
+    write_timings(estimates_path, sweep.timings)
+    shutil.rmtree(progress_dir, ignore_errors=True)
+    return summary
+
+
+_TERMS = ("log10_volume", "log10_prior_at_anchor", "log10_neighbourhood")
+
+
+def summary_metrics(records: dict[str, dict], keys: Iterable[str] | None = None) -> dict:
+    """DVC metrics: ``{key: {log10_volume, log10_prior_at_anchor, log10_neighbourhood}}`` for
+    the given record keys (default: all)."""
+    keys = records if keys is None else keys
+    return {k: {t: records[k][t] for t in _TERMS} for k in keys if k in records}
+
+
+def summary_table(records: dict[str, dict], columns: Iterable[str] = ()) -> pd.DataFrame:
+    """One row per record: ``key``, the record fields named in ``columns`` (e.g. figure, series,
+    step), then cutoff, k, the aggregate with its prior and neighbourhood terms (log10), the
+    largest sample, the share of the largest sample and cost evaluations per sample (wall times
+    are in the stage's ``*.timings.json``, outside DVC)."""
+    rows = []
+    for key, r in records.items():
+        rows.append({"key": key, **{c: r.get(c) for c in columns}, "cutoff": r["cutoff"],
+                     "k": r["n_samples"], "log10_volume": r["log10_volume"],
+                     "log10_prior_term": r["log10_prior_at_anchor"],
+                     "log10_neighbourhood": r["log10_neighbourhood"],
+                     "max_sample_log10": r["max_sample_log10"],
+                     "max_sample_share": r["max_sample_share"],
+                     "cost_evaluations_per_sample": r["cost_evaluations_per_sample"]})
+    return pd.DataFrame(rows)
+
+
+def check_counts(**counts: int) -> None:
+    """Every count (k, batch sizes, ...) must be an integer ≥ 1; ValueError names the bad one."""
+    for name, v in counts.items():
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1, got {v!r}")
+
+
+def check_cutoffs(cutoffs: list[float], *, key: str = "cutoffs") -> None:
+    """A cutoff sweep must be non-empty, positive and increasing; ValueError names ``key``."""
+    if not cutoffs or any(not (c > 0) for c in cutoffs) or any(b <= a for a, b in zip(cutoffs, cutoffs[1:])):
+        raise ValueError(f"{key} must be positive and increasing, got {cutoffs}")
+def parameter_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) of a model's parameters: each name, dtype, shape and the raw bytes, in
+    ``named_parameters`` order (the order of ``parameters_to_vector``)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_distinct_steps(hashes: dict, known_duplicates: list, *, key: str | None) -> None:
+    """Refuse two checkpoint steps with identical weights (a mislabelled or re-uploaded revision:
+    public Pythia revisions have been byte-identical across steps) unless the pair is listed.
+
+    Args:
+        hashes: {step: parameter SHA-256} (steps as str or int).
+        known_duplicates: [[a, b], ...] step pairs allowed to be equal.
+        key: the params.yaml key that lists them (named in the error), or None where no such
+            key exists (the checkpoints were trained here: retrain them).
+
+    Raises:
+        ValueError naming both steps and the key.
+    """
+    allowed = {frozenset(int(s) for s in pair) for pair in known_duplicates}
+    seen: dict[str, int] = {}
+    for step, digest in hashes.items():
+        step = int(step)
+        if digest in seen and frozenset((seen[digest], step)) not in allowed:
+            fix = (f"If the source really holds the same weights at both steps, add "
+                   f"[{seen[digest]}, {step}] to {key}" if key else
+                   "Rerun the stage that wrote the checkpoints")
+            raise ValueError(
+                f"checkpoints step {seen[digest]} and step {step} have identical weights (parameter "
+                f"SHA-256 {digest[:12]}…): one of them is not the checkpoint it claims to be. {fix}")
+        seen.setdefault(digest, step)
+
+def time_cost_call(cost, theta: torch.Tensor) -> float:
+    """Seconds of one call ``cost(theta)`` (theta (B, N)), synchronising CUDA around it."""
+    if theta.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    cost(theta)
+    if theta.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
