@@ -33,7 +33,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements-lock.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	@$(VENV)/bin/python -c 'import sys; v = sys.version_info[:2]; assert v == (3, 11), f"need Python 3.11 for the pins, got {v}: make PYTHON=/path/to/python3.11"'
-	$(VENV)/bin/python -m pip install --disable-pip-version-check --quiet -c requirements-lock.txt -e .
+	$(VENV)/bin/python -m pip install --disable-pip-version-check --quiet -c requirements-lock.txt -e ".[replication,test]"
 	$(VENV)/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (localvol)" >/dev/null
 	@touch $(STAMP)
 
@@ -42,11 +42,11 @@ $(STAMP): pyproject.toml requirements-lock.txt
 # `dvc add` reproduces the committed data.dvc hash.
 data: setup
 	@if [ ! -e data/digits/digits.csv.gz ] && [ -n "$$(dvc remote list)" ]; then dvc pull data.dvc; fi
-	python -m localvol.digits write-data data/digits
+	python -m replication.mlp.data write-data data/digits
 	dvc add --quiet data
 
 reproduce: data
-	$(if $(PROFILE),python -m localvol.stages apply-profile profiles/$(PROFILE).yaml)
+	$(if $(PROFILE),python -m replication.pipeline apply-profile profiles/$(PROFILE).yaml)
 	dvc repro
 	dvc metrics show
 

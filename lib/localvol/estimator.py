@@ -307,8 +307,9 @@ def estimate_log_volume(
     n_unbounded = int(np.isinf(store["radii"]).sum())
     if n_unbounded:
         consequence = ("the neighbourhood has infinite Lebesgue volume" if isinstance(prior, LebesguePrior)
-                       else "their whole rays count, so the cost may not bound the neighbourhood "
-                            "(a constant cost, e.g. a single-class output?)")
+                       else "their whole rays count: the cost never reaches the cutoff along them "
+                            "(a cutoff above the cost's range, or a cost that does not bound the "
+                            "neighbourhood)")
         warnings.warn(
             f"{n_unbounded} of {n_samples} directions stay below the cutoff up to "
             f"max_radius = {max_radius:g}: {consequence}"

@@ -203,11 +203,13 @@ def write_sweep(sweep: Sweep, *, config: dict, estimates_path: str | Path,
 _TERMS = ("log10_volume", "log10_prior_at_anchor", "log10_neighbourhood")
 
 
-def summary_metrics(records: dict[str, dict], keys: Iterable[str] | None = None) -> dict:
-    """DVC metrics: ``{key: {log10_volume, log10_prior_at_anchor, log10_neighbourhood}}`` for
-    the given record keys (default: all)."""
+def summary_metrics(records: dict[str, dict], keys: Iterable[str] | None = None, *,
+                    fields: Iterable[str] = _TERMS) -> dict:
+    """DVC metrics: ``{key: {field: record[field]}}`` for the given record keys (default: all);
+    ``fields`` default to log10_volume, log10_prior_at_anchor, log10_neighbourhood."""
     keys = records if keys is None else keys
-    return {k: {t: records[k][t] for t in _TERMS} for k in keys if k in records}
+    fields = tuple(fields)
+    return {k: {t: records[k][t] for t in fields} for k in keys if k in records}
 
 
 def summary_table(records: dict[str, dict], columns: Iterable[str] = ()) -> pd.DataFrame:

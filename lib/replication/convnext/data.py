@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from localvol.stages import save_npz_atomic
+from replication.pipeline import save_npz_atomic
 
 __all__ = ["CLASSES", "load_cifar10", "read_jpeg_copy", "split_indices", "prepare_stage",
            "load_prepared"]
@@ -83,13 +83,29 @@ def read_jpeg_copy(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
         for f in sorted(folder.glob("*/*")):
             add(f"{split}/{f.parent.name}/{f.name}", f.read_bytes)
     else:
-        raise FileNotFoundError(f"CIFAR-10 JPEG copy: neither {archive} nor {folder}/ exists")
+        raise FileNotFoundError(f"CIFAR-10 JPEG copy: neither {archive} nor {folder}/ exists "
+                                "(params.yaml prepare_cifar.local_copy)")
     if not items:
         raise ValueError(f"no {split}/<class>/NNNN.jpg images under {path}")
     items.sort(key=lambda t: (t[0], t[1]))
     images = np.stack([_decode(b) for _, _, b in items]).transpose(0, 3, 1, 2)
     labels = np.array([c for c, _, _ in items], dtype=np.int64)
     return np.ascontiguousarray(images), labels
+
+
+def _torchvision_split(download_root: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One split of ``torchvision.datasets.CIFAR10(download=True)`` as CHW uint8 and int64."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(str(download_root), train=train, download=True)
+    except Exception as err:  # no internet, no space, a bad mirror
+        raise RuntimeError(
+            f"torchvision could not download CIFAR-10 into {download_root} ({err!r}); "
+            "offline, point prepare_cifar.local_copy (params.yaml) at a JPEG copy such as "
+            "../shared/data/cifar10-jpeg") from err
+    return (np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),
+            np.asarray(ds.targets, dtype=np.int64))
 
 
 def load_cifar10(*, download_root: str | Path, local_copy: str | Path = "") -> dict[str, Any]:
@@ -99,26 +115,17 @@ def load_cifar10(*, download_root: str | Path, local_copy: str | Path = "") -> d
         dict with ``train_images`` (50000, 3, 32, 32) uint8, ``train_labels`` (50000,) int64,
         ``test_images``, ``test_labels`` likewise (10,000), and ``source``: a label to carry
         into results ("torchvision CIFAR-10" or "JPEG copy (<path>)").
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`read_jpeg_copy`. RuntimeError: torchvision
+        could not download (offline: set prepare_cifar.local_copy).
     """
     if local_copy:
         train = read_jpeg_copy(local_copy, "train")
         test = read_jpeg_copy(local_copy, "test")
         source = f"JPEG copy ({local_copy})"
     else:
-        from torchvision.datasets import CIFAR10
-
-        def get(train: bool):
-            try:
-                ds = CIFAR10(str(download_root), train=train, download=True)
-            except Exception as err:  # no internet, no space, a bad mirror
-                raise RuntimeError(
-                    f"torchvision could not download CIFAR-10 into {download_root} ({err!r}); "
-                    "offline, point cifar.local_copy (params.yaml) at a JPEG copy such as "
-                    "../shared/data/cifar10-jpeg") from err
-            return (np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),
-                    np.asarray(ds.targets, dtype=np.int64))
-
-        train, test = get(True), get(False)
+        train, test = _torchvision_split(download_root, True), _torchvision_split(download_root, False)
         source = "torchvision CIFAR-10"
     return {"train_images": train[0], "train_labels": train[1], "test_images": test[0],
             "test_labels": test[1], "source": source}
@@ -126,9 +133,11 @@ def load_cifar10(*, download_root: str | Path, local_copy: str | Path = "") -> d
 
 def split_indices(n_train: int, n_clean: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n_train)`` into ``n_clean`` clean and ``n_train - n_clean`` poison
-    indices (each sorted; int64). Raises ValueError unless 0 < n_clean < n_train."""
+    indices (each sorted; int64): the first ``n_clean`` of ``default_rng(seed).permutation``.
+    Raises ValueError unless 0 < n_clean < n_train (params.yaml prepare_cifar.n_clean)."""
     if not 0 < n_clean < n_train:
-        raise ValueError(f"n_clean must be in (0, {n_train}), got {n_clean}")
+        raise ValueError(f"n_clean must be in (0, {n_train}), got {n_clean} "
+                         "(params.yaml prepare_cifar.n_clean)")
     perm = np.random.default_rng(seed).permutation(n_train)
     return np.sort(perm[:n_clean]), np.sort(perm[n_clean:])
 
@@ -137,11 +146,23 @@ def prepare_stage(*, dataset_path: str, download_root: str, local_copy: str, see
                   n_clean: int, n_eval: int) -> dict[str, Any]:
     """Run the ``prepare_cifar`` stage: load CIFAR-10, split the training set, choose the
     evaluation images, and write one NPZ (images, labels, ``clean_idx``, ``poison_idx``,
-    ``eval_idx`` into the test set, ``source``). Returns a summary dict."""
+    ``eval_idx`` into the test set, ``source``).
+
+    The evaluation images are the first ``n_eval`` test images (torchvision), or the first
+    ``n_eval`` of ``default_rng(seed).permutation`` of the class-sorted JPEG copy's test set.
+
+    Returns:
+        a summary dict (source, split sizes, label counts of the evaluation images).
+
+    Raises:
+        ValueError: n_eval outside [1, test-set size] (params.yaml prepare_cifar.n_eval), or a
+        bad n_clean (:func:`split_indices`).
+    """
     data = load_cifar10(download_root=download_root, local_copy=local_copy)
     n_test = len(data["test_labels"])
     if not 0 < n_eval <= n_test:
-        raise ValueError(f"n_eval must be in [1, {n_test}], got {n_eval}")
+        raise ValueError(f"n_eval must be in [1, {n_test}], got {n_eval} "
+                         "(params.yaml prepare_cifar.n_eval)")
     clean_idx, poison_idx = split_indices(len(data["train_labels"]), n_clean, seed)
     if local_copy:  # class-sorted test set: a seeded permutation stands in for the original order
         eval_idx = np.random.default_rng(seed).permutation(n_test)[:n_eval]
@@ -156,7 +177,8 @@ def prepare_stage(*, dataset_path: str, download_root: str, local_copy: str, see
 
 
 def load_prepared(dataset_path: str | Path) -> dict[str, Any]:
-    """Read :func:`prepare_stage`'s NPZ into a dict of arrays (``source`` as str)."""
+    """Read :func:`prepare_stage`'s NPZ into a dict of arrays (images uint8 (n, 3, 32, 32),
+    labels and indices int64, ``source`` as str)."""
     with np.load(dataset_path) as z:
         out = {k: z[k] for k in z.files}
     out["source"] = str(out["source"])

@@ -9,13 +9,12 @@ defaults), and every injected name must be declared there (:func:`declared_param
 from __future__ import annotations
 
 import ast
-import difflib
 import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from replication.pipeline.parameters import ParameterError
+from replication.pipeline.parameters import ParameterError, with_hints
 
 __all__ = ["KERNEL_NAME", "declared_parameters", "run_notebook"]
 
@@ -118,12 +117,8 @@ def _check_injected(notebook: str | Path, parameters: dict[str, Any]) -> None:
     declared = declared_parameters(notebook)
     undeclared = [name for name in parameters if name not in declared]
     if undeclared:
-        hints = []
-        for name in undeclared:
-            close = difflib.get_close_matches(name, declared, n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ParameterError(
-            f"{notebook}: injected parameter(s) {', '.join(hints)} not declared by its "
+            f"{notebook}: injected parameter(s) {with_hints(undeclared, declared)} not declared by its "
             f"{PARAMETERS_TAG!r} cell, which declares: {', '.join(declared) or '(nothing)'}. "
             f"Declare each as `name: type = default` there, or stop passing it (dvc.yaml's "
             f"params / -p)")

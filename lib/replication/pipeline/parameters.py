@@ -116,6 +116,15 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     raise ParameterError(f"parameter {name!r}: unsupported annotation {tp!r}")
 
 
+def with_hints(names, known) -> str:
+    """``'lr', 'sed' (did you mean 'seed'?)``: each name, with the closest known one if any."""
+    hints = []
+    for name in names:
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(hints)
+
+
 def check_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
     """Validate a notebook's parameters after papermill injected its overrides.
 
@@ -141,12 +150,8 @@ def check_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
         and isinstance(value, _PLAIN_DATA)
     )
     if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, declared, n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ParameterError(
-            f"unknown parameter(s) {', '.join(hints)}; this notebook declares: "
+            f"unknown parameter(s) {with_hints(unknown, declared)}; this notebook declares: "
             f"{', '.join(declared)}")
     checked = {}
     for name, tp in declared.items():

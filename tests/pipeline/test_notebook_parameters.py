@@ -9,9 +9,10 @@ import nbformat
 import pytest
 from ruamel.yaml import YAML
 
-from localvol.stages import ParameterError, declared_parameters, main, run_notebook
+from replication.pipeline import ParameterError, declared_parameters, run_notebook
+from replication.pipeline.__main__ import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DVC = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())
 STAGES = DVC["stages"]
 
@@ -26,7 +27,7 @@ def make_notebook(path: Path, *, tags=("parameters",), parameters: str = PARAMET
         nbformat.v4.new_markdown_cell("# tiny stage"),
         nbformat.v4.new_code_cell(parameters, metadata={"tags": list(tags)}),
         nbformat.v4.new_code_cell(
-            "from localvol.stages import check_parameters\nP = check_parameters(globals())"),
+            "from replication.pipeline import check_parameters\nP = check_parameters(globals())"),
         nbformat.v4.new_code_cell("from pathlib import Path\nPath(out).write_text(text)"),
     ]
     if extra_tagged:
@@ -142,10 +143,10 @@ def test_stage_cli_rejects_a_dvc_key_the_notebook_no_longer_declares(tmp_path, m
 
 
 def stage_notebook_and_keys(stage: str) -> tuple[Path, set[str]]:
-    from localvol.stages import stage_parameters
+    from replication.pipeline import stage_parameters
 
     cmd = " ".join(STAGES[stage]["cmd"].split())
-    match = re.search(r"localvol\.stages run (\S+) (\S+)", cmd)
+    match = re.search(r"replication\.pipeline run (\S+) (\S+)", cmd)
     assert match and match.group(1) == stage, cmd
     keys = set(stage_parameters(stage, REPO / "dvc.yaml", REPO / "params.yaml"))
     keys |= set(re.findall(r"-p (\w+) ", cmd))

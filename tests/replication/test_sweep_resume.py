@@ -19,15 +19,17 @@ import pytest
 
 import localvol
 from localvol.code_version import source_hash
+from replication.sweep import code_version
 
-PACKAGE = Path(localvol.__file__).resolve().parent
+LIB = Path(localvol.__file__).resolve().parents[1]
+PACKAGE = LIB / "localvol"
 
 SCRIPT = r'''
 import json, sys
 import torch
 from torch import nn
 import localvol as lv
-from localvol.records import run_estimate
+from replication.sweep import Point, Unit, run_sweep
 
 mode, where = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
@@ -50,10 +52,12 @@ try:
         est = lv.estimate_log_volume(cost, anchor, progress=False, checkpoint_path=where, **kw)
         samples = est.samples
     else:
-        _, arrays = run_estimate(cost, anchor, progress_dir=where, key="k", progress=False,
-                                 **{k: v for k, v in kw.items() if k != "batch_size"},
-                                 batch_size=4)
-        samples = arrays["k__samples"]
+        unit = Unit(key="k", checkpoint="only", series="naive", preconditioner="naive",
+                    cutoff=kw["cutoff"], n_samples=kw["n_samples"])
+        sweep = run_sweep([unit], lambda _: Point(anchor=anchor, cost=cost), prior=kw["prior"],
+                          rtol=kw["rtol"], seed=kw["seed"], batch_size=4, exponent=0.5,
+                          progress_dir=where, progress=False)
+        samples = sweep.arrays["k__samples"]
 except KeyboardInterrupt:
     print(json.dumps("interrupted"))
 else:
@@ -64,7 +68,8 @@ else:
 @pytest.fixture
 def package_copy(tmp_path):
     root = tmp_path / "lib"
-    shutil.copytree(PACKAGE, root / "localvol", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("localvol", "replication"):
+        shutil.copytree(LIB / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "script.py").write_text(SCRIPT)
     return tmp_path
 
@@ -96,6 +101,7 @@ def test_source_hash_follows_every_source_file(package_copy):
     assert source_hash(copy) == source_hash()  # bytecode is not source
     _edit_code(package_copy)
     edited = source_hash(copy)
+    assert code_version() != _code_version_of(package_copy)  # the sweep's key follows it too
     assert edited != source_hash()
     (copy / "extra.py").write_text("")
     assert source_hash(copy) not in (edited, source_hash())
@@ -103,7 +109,7 @@ def test_source_hash_follows_every_source_file(package_copy):
 
 @pytest.mark.slow
 def test_stage_resume_files_from_other_code_are_not_reused(package_copy, tmp_path):
-    """records.run_estimate (the Pythia and ConvNeXt stages): an interrupted run under the old
+    """replication.sweep.run_sweep (every estimate stage): an interrupted run under the old
     code leaves progress; after the code change the rerun recomputes every sample."""
     before = _run(package_copy, "records", tmp_path / "clean")
     assert len(before) == 12
@@ -124,3 +130,10 @@ def test_library_checkpoint_from_other_code_is_refused(package_copy, tmp_path):
     _edit_code(package_copy)
     err = _run(package_copy, "library", path)
     assert isinstance(err, str) and "another version of localvol" in err
+
+
+def _code_version_of(copy: Path) -> str:
+    env = dict(os.environ, PYTHONPATH=str(copy / "lib"))
+    proc = subprocess.run([sys.executable, "-c", "from replication.sweep import code_version; print(code_version())"],
+                          capture_output=True, text=True, env=env, check=True)
+    return proc.stdout.strip()

@@ -15,8 +15,12 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+STAGES = ("split_digits", "train_mlp", "estimate_figure1", "plot_figure1", "fetch_pythia",
+          "estimate_figure4", "estimate_figure2", "estimate_figure6", "plot_pythia",
+          "prepare_cifar", "train_convnext", "estimate_figure5", "estimate_figure3",
+          "estimate_figure7", "plot_convnext")
 
 
 def repo_files() -> list[Path]:
@@ -54,10 +58,10 @@ def _out_hashes(work: Path) -> dict[str, str]:
 def _log10_volumes(work: Path) -> dict[str, float]:
     """Every published estimate's log10 volume, keyed by experiment and estimate."""
     out = {}
-    for experiment in ("mlp", "pythia", "convnext"):
-        summary = json.loads((work / "results" / experiment / "estimates.json").read_text())
+    for path in sorted((work / "results").glob("*/figure*/estimates.json")):
+        summary = json.loads(path.read_text())
         for key, record in summary["estimates"].items():
-            out[f"{experiment}/{key}"] = record["log10_volume"]
+            out[f"{path.parent.name}/{key}"] = record["log10_volume"]
     return out
 
 
@@ -72,7 +76,11 @@ def test_dvc_yaml_structure():
     dvc = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())
     params = YAML(typ="safe").load((REPO / "params.yaml").read_text())
     for name, stage in dvc["stages"].items():
-        assert stage["cmd"].startswith(f"python -m localvol.stages run {name} notebooks/{name}.ipynb")
+        assert stage["cmd"].startswith(f"python -m replication.pipeline run {name} notebooks/{name}.ipynb")
+        # code dependencies are folders (or the shared sweep module), never module hand lists
+        code = [d for d in stage["deps"] if d.startswith("lib/")]
+        assert {"lib/localvol", "lib/replication/pipeline", "lib/replication/sweep.py"} <= set(code)
+        assert all(not d.endswith(".py") or d.endswith(("sweep.py", "__init__.py")) for d in code), code
         keys = stage["params"]
         assert keys and all(isinstance(k, str) and k.count(".") == 1 for k in keys), \
             f"{name}: list single keys (section.key), not whole sections"
@@ -83,9 +91,10 @@ def test_dvc_yaml_structure():
         executed = [o for o in stage["outs"] if isinstance(o, dict)
                     and next(iter(o)).endswith(f"/{name}.ipynb")]
         assert executed and next(iter(executed[0].values())) == {"cache": False}
-    assert set(params) >= {"digits", "train_mlp", "estimate_mlp", "plot_mlp"}
+    # params sections are named after their stages, except the two shared cost sections
+    assert set(params) - set(dvc["stages"]) == {"pythia_estimate", "convnext_estimate"}
     metrics = [m for s in dvc["stages"].values() for m in s.get("metrics", [])]
-    assert len(metrics) == 5  # train_mlp, estimate_mlp, estimate_pythia, train/estimate_convnext
+    assert len(metrics) == 9  # train_mlp, train_convnext and the seven estimate_figure stages
 
 
 @pytest.mark.slow
@@ -108,15 +117,13 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
     python, dvc = str(BIN / "python"), str(BIN / "dvc")
 
     # what `make reproduce PROFILE=tiny` does
-    run([python, "-m", "localvol.stages", "apply-profile", "profiles/tiny.yaml"], work)
-    run([python, "-m", "localvol.digits", "write-data", "data/digits"], work)
+    run([python, "-m", "replication.pipeline", "apply-profile", "profiles/tiny.yaml"], work)
+    run([python, "-m", "replication.mlp.data", "write-data", "data/digits"], work)
     run([dvc, "add", "--quiet", "data"], work)
     assert (work / "data.dvc").read_text() == (REPO / "data.dvc").read_text(), \
         "the written raw data must hash to the committed data.dvc"
     out = run([dvc, "repro"], work)
-    for stage in ("split_digits", "train_mlp", "estimate_mlp", "plot_mlp", "fetch_pythia",
-                  "estimate_pythia", "plot_pythia", "prepare_cifar", "train_convnext",
-                  "estimate_convnext", "plot_convnext"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in out
         assert (work / "results" / "notebooks" / f"{stage}.ipynb").exists()
     for name in ("figure1_mlp.png", "figure1_mlp.pdf", "figure1_mlp_aggregates.csv",
@@ -134,7 +141,7 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
     # nothing changed: nothing runs
     assert "Running stage" not in run([dvc, "repro"], work)
     # finished estimate stages leave no resume state behind (issue 9 §1)
-    assert not list((work / "results" / "checkpoints").glob("*/*")), "stale progress files"
+    assert not list((work / "results" / "progress").glob("*/*")), "stale progress files"
 
     # an identical forced rerun leaves every DVC-tracked out byte-identical (issue 9 §7): wall
     # times live in *.timings.json files that no stage declares
@@ -152,16 +159,20 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
     assert old in ray.read_text()
     ray.write_text(ray.read_text().replace(old, old[:-1] + " + np.log(2.0))"))
     out = run([dvc, "repro"], work)
-    for stage in ("estimate_mlp", "estimate_pythia", "estimate_convnext"):
-        assert f"Running stage '{stage}'" in out
+    for figure in range(1, 8):
+        assert f"Running stage 'estimate_figure{figure}'" in out
     moved = _log10_volumes(work)
     assert set(moved) == set(volumes) and len(volumes) >= 40  # every estimate of the tiny profile
     for key, value in volumes.items():
         assert moved[key] - value == pytest.approx(math.log10(2), abs=1e-6), key
     ray.write_text(ray.read_text().replace(old[:-1] + " + np.log(2.0))", old))
     run([dvc, "repro"], work)  # back to the real code for the check below
-    # a plot parameter changed: only plot_mlp is stale
-    (tmp_path / "bins.yaml").write_text("plot_mlp:\n  bins: 9\n")
-    run([python, "-m", "localvol.stages", "apply-profile", str(tmp_path / "bins.yaml")], work)
+    # a plot parameter changed: only plot_figure1 is stale; Figure 6's cutoffs: only its stage
+    (tmp_path / "bins.yaml").write_text("plot_figure1:\n  bins: 9\n")
+    run([python, "-m", "replication.pipeline", "apply-profile", str(tmp_path / "bins.yaml")], work)
     status = json.loads(run([dvc, "status", "--json"], work))
-    assert list(status) == ["plot_mlp"], status
+    assert list(status) == ["plot_figure1"], status
+    (tmp_path / "cutoffs.yaml").write_text("estimate_figure6:\n  cutoffs: [1.0e-2, 1.0, 10.0]\n")
+    run([python, "-m", "replication.pipeline", "apply-profile", str(tmp_path / "cutoffs.yaml")], work)
+    status = json.loads(run([dvc, "status", "--json"], work))
+    assert set(status) == {"plot_figure1", "estimate_figure6", "plot_pythia"}, status

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localvol.stages import (
+from replication.pipeline import (
     ParameterError,
     apply_profile,
     atomic_path,
@@ -20,7 +20,7 @@ from localvol.stages import (
     write_json_atomic,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def notebook_namespace(parameters_cell: str, injected: str = "") -> dict:

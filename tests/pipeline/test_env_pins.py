@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ASKED_FOR = {"torch", "jupyterlab", "papermill", "matplotlib", "seaborn", "scipy",
              "torchvision", "transformers", "dvc"}
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)$")
@@ -30,8 +30,16 @@ def parse(lines) -> dict[str, str]:
 
 
 def pyproject_pins() -> dict[str, str]:
+    """The core's dependencies and every extra's, together."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return parse(project["dependencies"])
+    extras = [d for deps in project["optional-dependencies"].values() for d in deps]
+    return parse(project["dependencies"] + extras)
+
+
+def test_the_estimator_needs_only_torch_numpy_scipy_and_tqdm():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert set(parse(project["dependencies"])) == {"torch", "numpy", "scipy", "tqdm"}
+    assert set(project["optional-dependencies"]) == {"replication", "test"}
 
 
 def conda_env() -> dict:
@@ -57,7 +65,7 @@ def test_environment_yml_lists_the_same_pins_and_python_3_11():
     assert len(pip_lists) == 1
     pins = parse([d for d in pip_lists[0] if not d.startswith("-e")])
     assert pins == pyproject_pins()
-    assert "-e ." in [d.split("#")[0].strip() for d in pip_lists[0]]
+    assert "-e .[replication,test]" in [d.split("#")[0].strip() for d in pip_lists[0]]
 
 
 def test_lock_file_agrees_with_the_pins():

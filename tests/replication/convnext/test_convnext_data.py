@@ -1,5 +1,5 @@
-"""CIFAR-10 loading (localvol.cifar) on a few JPEGs the tests write, offline: the local-copy
-reader (archive and folder), the seeded clean/poison split, the prepare stage's NPZ."""
+"""CIFAR-10 loading (replication.convnext.data) on a few JPEGs the tests write, offline: the
+local-copy reader (archive and folder), the seeded clean/poison split, the prepare stage's NPZ."""
 
 import io
 import tarfile
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from localvol import cifar
+from replication.convnext import data as cifar
 
 
 def write_jpeg_tree(root, split, per_class, seed=0, classes=cifar.CLASSES, archive=False):
@@ -66,7 +66,7 @@ def test_jpeg_copy_file_order_is_numeric_within_a_class(tmp_path):
 
 
 def test_jpeg_copy_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="test.tar.gz"):
+    with pytest.raises(FileNotFoundError, match="test.tar.gz.*prepare_cifar.local_copy"):
         cifar.read_jpeg_copy(tmp_path, "test")
     write_jpeg_tree(tmp_path, "test", per_class=1, classes=("airplane", "zebra"))
     with pytest.raises(ValueError, match="'zebra'"):
@@ -83,7 +83,7 @@ def test_split_is_seeded_disjoint_and_complete():
     np.testing.assert_array_equal(clean, again[0])
     assert not np.array_equal(clean, cifar.split_indices(50, 30, seed=0)[0])
     for bad in (0, 50, 60):
-        with pytest.raises(ValueError, match="n_clean"):
+        with pytest.raises(ValueError, match=r"n_clean .*prepare_cifar\.n_clean"):
             cifar.split_indices(50, bad, seed=0)
 
 
@@ -102,7 +102,7 @@ def test_prepare_stage_writes_split_and_evaluation_images_labelled_jpeg_copy(tmp
     # the JPEG copy's test set is class-sorted: evaluation images come from a permutation,
     # so they are not all of the first class
     assert len(set(d["eval_idx"])) == 8 and len(set(d["test_labels"][d["eval_idx"]])) > 1
-    with pytest.raises(ValueError, match="n_eval"):
+    with pytest.raises(ValueError, match=r"n_eval .*prepare_cifar\.n_eval"):
         cifar.prepare_stage(dataset_path=str(out), download_root="", local_copy=str(tmp_path),
                             seed=42, n_clean=24, n_eval=21)
 
