@@ -175,4 +175,5 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
     (tmp_path / "cutoffs.yaml").write_text("estimate_figure6:\n  cutoffs: [1.0e-2, 1.0, 10.0]\n")
     run([python, "-m", "replication.pipeline", "apply-profile", str(tmp_path / "cutoffs.yaml")], work)
     status = json.loads(run([dvc, "status", "--json"], work))
-    assert set(status) == {"plot_figure1", "estimate_figure6", "plot_pythia"}, status
+    # (dvc status lists the stages whose own deps changed; plot_pythia follows when it runs)
+    assert set(status) == {"plot_figure1", "estimate_figure6"}, status
