@@ -1,7 +1,9 @@
 # Two entry points (see README.md):
 #   make reproduce   create .venv, install the pinned dependencies and the package, write the raw
-#                    data, `dvc repro` the pipeline on params.yaml (Figures 1-7 into figures/)
+#                    data, check the external inputs the active params.yaml needs (seconds), then
+#                    `dvc repro` the pipeline (Figures 1-7 into figures/) and print a summary
 #   make test        the same setup, then the whole test suite (offline)
+#   make lab         JupyterLab at the repository root (notebooks/ are Jupytext pairs)
 # Setup is idempotent: it reinstalls only when pyproject.toml or requirements-lock.txt change.
 
 SHELL := /bin/bash
@@ -16,6 +18,10 @@ STAMP := $(VENV)/.installed
 # e.g. PROFILE=tiny: apply profiles/tiny.yaml to params.yaml before `dvc repro`.
 PROFILE ?=
 PYTEST_ARGS ?=
+# Extra arguments for `jupyter lab`, e.g. make lab ARGS="--port 8899 --no-browser --ip 0.0.0.0"
+ARGS ?=
+# jupyter refuses to start as root unless told: in a container, root is the usual user.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # dvc.yaml's commands call `python`: make it the venv's.
 export PATH := $(BIN):$(PATH)
@@ -25,8 +31,8 @@ export PATH := $(BIN):$(PATH)
 help:
 	@echo "make reproduce   set up .venv and run the pipeline (dvc repro) on params.yaml"
 	@echo "make test        set up .venv and run the test suite"
-	@echo "make lab         open the notebooks in JupyterLab"
-	@echo "options: PYTHON=python3.11  PROFILE=tiny  PYTEST_ARGS='-k digits'"
+	@echo "make lab         JupyterLab at the repository root (open notebooks/*.ipynb)"
+	@echo "options: PYTHON=python3.11  PROFILE=tiny  PYTEST_ARGS='-k digits'  ARGS='--port 8899'"
 
 setup: $(STAMP)
 
@@ -47,14 +53,15 @@ data: setup
 
 reproduce: data
 	$(if $(PROFILE),python -m replication.pipeline apply-profile profiles/$(PROFILE).yaml)
+	python -m replication.pipeline preflight
 	dvc repro
-	dvc metrics show
+	python -m replication.pipeline summary
 
 test: setup
 	HF_HUB_OFFLINE=1 python -m pytest -ra $(PYTEST_ARGS)
 
 lab: setup
-	jupyter lab notebooks/
+	jupyter lab --notebook-dir="$(CURDIR)" $(ALLOW_ROOT) $(ARGS)
 
 clean-results:
 	rm -rf results

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.special import logsumexp
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ._reduce import checksum64, row_dot64
 from .code_version import source_hash

@@ -161,7 +161,8 @@ def test_every_repo_stage_notebook_declares_what_dvc_yaml_passes(stage):
 
 
 def test_every_notebook_has_one_parameters_cell():
-    notebooks = sorted((REPO / "notebooks").glob("*.ipynb"))
+    notebooks = sorted((REPO / "notebooks").glob("*.ipynb")) + sorted(
+        (REPO / "notebooks").glob("*.py"))
     assert notebooks
     for notebook in notebooks:
         assert declared_parameters(notebook), notebook

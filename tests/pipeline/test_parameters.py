@@ -15,6 +15,8 @@ from replication.pipeline import (
     apply_profile,
     atomic_path,
     check_parameters,
+    notebook_setup,
+    repository_root,
     save_npz_atomic,
     stage_parameters,
     write_json_atomic,
@@ -55,14 +57,40 @@ def test_injected_values_override_and_int_becomes_float():
     assert params["betas"] == [0.5, 1.0] and params["batch_size"] == 16
 
 
-def test_mistyped_parameter_is_an_error_with_a_suggestion():
-    with pytest.raises(ParameterError, match=r"unknown parameter.*'lrr'.*did you mean 'lr'"):
-        check_parameters(notebook_namespace(CELL, "lrr = 0.1"))
+def test_only_declared_parameters_are_checked_so_run_all_works_twice():
+    """A second Run All in one kernel finds the notebook's own results (``P``, ``out``) in its
+    namespace: they are not parameters. (An injected name that the parameters cell does not
+    declare is refused before the run: test_notebook_parameters.py.)"""
+    ns = notebook_namespace(CELL)
+    first = check_parameters(ns)
+    ns.update(P=first, out={"table": [1, 2]}, colour="red")
+    assert check_parameters(ns) == first
 
 
-def test_unknown_parameter_is_an_error():
-    with pytest.raises(ParameterError, match="unknown parameter.*'colour'"):
-        check_parameters(notebook_namespace(CELL, "colour = 'red'"))
+def test_a_wrong_type_is_still_caught_on_the_second_run():
+    ns = notebook_namespace(CELL)
+    ns["P"] = check_parameters(ns)
+    ns["seed"] = "zero"  # the user edits a value by hand between two runs
+    with pytest.raises(ParameterError, match="parameter 'seed': expected int"):
+        check_parameters(ns)
+
+
+def test_repository_root_is_found_from_a_subfolder_and_notebook_setup_moves_there(
+        tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert repository_root() == tmp_path.resolve()
+    ns = notebook_namespace(CELL)
+    for _ in range(2):  # idempotent: Run All twice
+        assert notebook_setup(ns)["seed"] == 0
+        assert Path.cwd() == tmp_path.resolve()
+
+
+def test_repository_root_outside_a_repository_names_the_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no dvc.yaml in {tmp_path}"):
+        repository_root()
 
 
 @pytest.mark.parametrize("injected, message", [

@@ -29,6 +29,7 @@ from replication.convnext.data import load_prepared
 from replication.convnext.model import (AUGMENT, augment, decay_groups, evaluate, make_model,
                                         poison_loss, quiet_transformers, sample_batch, step_seed)
 from replication.pipeline import write_json_atomic, write_timings
+from replication.pipeline.devices import resolve_device
 from replication.sweep import check_distinct_steps, parameter_sha256
 
 __all__ = ["TRAIN_VERSION", "train_run", "train_stage"]
@@ -169,7 +170,7 @@ def _loop(run_dir: Path, steps, model, opt, sched, start, history, data, device,
     t_start = t_last
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         bar = tqdm(total=max_steps, initial=start, desc=run_dir.name, unit="step")
     for step in range(start, max_steps + 1):
@@ -216,7 +217,8 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
             which the paper's training script used); 0 turns clipping off.
         seed: initialisation and every random draw. n_curve: images per curve subset.
         model_overrides: changes to :data:`~replication.convnext.model.ATTO_CONFIG`.
-        device: "cuda" / "cpu" (None: CUDA when available).
+        device: "auto" (or None: CUDA when available), "cuda" (required) or "cpu"
+            (:func:`replication.pipeline.devices.resolve_device`).
         timings: optional dict; receives ``step{N}`` → {images_per_s, wall_time_s} for the
             checkpoints this call wrote (wall times stay out of the checkpoints, which DVC
             hashes).
@@ -231,7 +233,7 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
     """
     quiet_transformers()
     run_dir = Path(run_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or "auto", "train_convnext.device")
     steps = _check_settings(max_steps=max_steps, batch_size=batch_size, n_curve=n_curve,
                             warmup=warmup, betas=betas, max_grad_norm=max_grad_norm)
     config = {"version": TRAIN_VERSION, "poison_probability": poison_probability,
@@ -254,13 +256,16 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
 def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, runs: dict,
                 max_steps: int, batch_size: int, lr: float, betas: list[float], adam_eps: float,
                 weight_decay: float, warmup: int, max_grad_norm: float, seed: int, n_curve: int,
-                model_overrides: dict | None = None, progress: bool = True) -> dict[str, Any]:
+                model_overrides: dict | None = None, device: str = "auto",
+                progress: bool = True) -> dict[str, Any]:
     """Run the ``train_convnext`` stage: :func:`train_run` for each ``runs`` entry
     (``{name: {"poison_probability": p}}``), then write the manifest and the metrics JSON
-    (final accuracies and losses per run, the data source). Returns the manifest.
+    (final accuracies and losses per run, the data source). Returns the manifest. ``device``:
+    ``train_convnext.device`` (:func:`replication.pipeline.devices.resolve_device`).
 
     Raises:
         ValueError: empty ``runs`` or an entry with other keys (params.yaml train_convnext.runs),
+        ``device`` "cuda" without a GPU, or not one of auto/cuda/cpu (train_convnext.device),
         bad settings (:func:`train_run`), or two checkpoint steps with identical weights (other
         than steps 0 and 1 with a warm-up: transformers' warm-up starts at lr 0, so the first
         update changes nothing, as in the paper's Hugging Face Trainer runs).
@@ -268,6 +273,7 @@ def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, r
     if not runs:
         raise ValueError("runs is empty: give e.g. {clean: {poison_probability: 0.0}} "
                          "(params.yaml train_convnext.runs)")
+    device = str(resolve_device(device, "train_convnext.device"))  # before any work
     data = load_prepared(dataset_path)
     manifest = {"runs": {}, "steps": log_spaced_steps(max_steps), "source": data["source"],
                 "seed": seed, "batch_size": batch_size}
@@ -281,7 +287,8 @@ def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, r
                             max_steps=max_steps, batch_size=batch_size, lr=lr, betas=tuple(betas),
                             adam_eps=adam_eps, weight_decay=weight_decay, warmup=warmup,
                             max_grad_norm=max_grad_norm, seed=seed,
-                            n_curve=n_curve, model_overrides=model_overrides, progress=progress,
+                            n_curve=n_curve, model_overrides=model_overrides, device=device,
+                            progress=progress,
                             timings=timings.setdefault(name, {}))
         first_update_is_zero = [[0, 1]] if warmup > 0 else []  # lr 0 at step 0: allowed
         check_distinct_steps({h["step"]: h["parameter_sha256"] for h in history},

@@ -11,10 +11,22 @@ from replication.pipeline.files import (
     write_json_atomic,
     write_timings,
 )
-from replication.pipeline.notebooks import declared_parameters, run_notebook
-from replication.pipeline.parameters import ParameterError, check_parameters, stage_parameters
+from replication.pipeline.notebooks import (
+    NotebookPairError,
+    declared_parameters,
+    read_notebook,
+    run_notebook,
+)
+from replication.pipeline.parameters import (
+    ParameterError,
+    check_parameters,
+    notebook_setup,
+    repository_root,
+    stage_parameters,
+)
 from replication.pipeline.profiles import apply_profile
 
-__all__ = ["ParameterError", "check_parameters", "stage_parameters", "declared_parameters",
+__all__ = ["ParameterError", "check_parameters", "notebook_setup", "repository_root",
+           "stage_parameters", "NotebookPairError", "read_notebook", "declared_parameters",
            "run_notebook", "apply_profile", "atomic_path", "to_jsonable", "write_json_atomic",
            "read_json", "save_npz_atomic", "timings_path", "write_timings"]

@@ -1,9 +1,17 @@
-"""Running a stage notebook with papermill, after checking its ``parameters`` cell.
+"""Reading and running stage notebooks: Jupytext pairs, the ``parameters`` cell, papermill.
+
+Each stage notebook is a Jupytext pair in ``notebooks/``: ``X.ipynb`` (what users open in
+JupyterLab; its outputs and metadata change as they work) and ``X.py`` (percent format: the
+cells only). ``dvc.yaml`` depends on, and :func:`run_notebook` executes, ``X.py``, so opening,
+running or saving the notebook leaves the pipeline up to date while editing a cell reruns the
+stage. :func:`read_notebook` refuses a pair whose two files hold different cells (an ``.ipynb``
+edited without Jupytext), since the pipeline would run code other than what the user sees.
 
 :func:`run_notebook` checks the layout before executing anything: exactly one code cell must be
 tagged ``parameters`` (without the tag papermill would inject at the top, the notebook's own
 defaults would then overwrite every injected value, and the stage would "succeed" on its
-defaults), and every injected name must be declared there (:func:`declared_parameters`).
+defaults), and every injected name must be declared there (:func:`declared_parameters`). The
+executed copy is written read-only, so viewing it in JupyterLab cannot change it.
 """
 
 from __future__ import annotations
@@ -16,9 +24,66 @@ from typing import Any, Iterator
 
 from replication.pipeline.parameters import ParameterError, with_hints
 
-__all__ = ["KERNEL_NAME", "declared_parameters", "run_notebook"]
+__all__ = ["KERNEL_NAME", "NotebookPairError", "read_notebook", "declared_parameters",
+           "run_notebook"]
 
 KERNEL_NAME = "python3"
+KERNELSPEC = {"display_name": "Python 3 (localvol)", "language": "python", "name": KERNEL_NAME}
+
+
+def _ipc_kernel_manager() -> type:
+    """jupyter_client's kernel manager over local sockets (files in Jupyter's runtime folder)
+    instead of TCP: ipykernel warns on every start over unencrypted TCP, and nothing here needs
+    a network port."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return IPCKernelManager
+
+
+class NotebookPairError(ValueError):
+    """The two files of a Jupytext pair (``X.ipynb``, ``X.py``) hold different cells."""
+
+
+def _cells(nb: Any) -> list[tuple[str, str, tuple[str, ...]]]:
+    """What the pipeline runs of a notebook: each cell's type, source and tags."""
+    return [(c.cell_type, c.source.strip(), tuple(sorted(_cell_tags(c)))) for c in nb.cells]
+
+
+def read_notebook(path: str | Path) -> Any:
+    """Read a stage notebook as an ``nbformat`` v4 node, metadata reset to :data:`KERNELSPEC`.
+
+    ``path`` is a percent-format script (``X.py``, read with Jupytext) or an ``.ipynb``. When a
+    ``.py`` has its pair ``X.ipynb`` beside it, both must hold the same cells (type, source up to
+    surrounding blank lines, tags); otherwise :class:`NotebookPairError` is raised, naming the
+    first differing cell and how to bring the pair back in step (Jupytext in JupyterLab saves
+    both files; ``jupytext --sync`` takes the newer one).
+    """
+    import jupytext
+    import nbformat
+
+    path = Path(path)
+    if path.suffix == ".py":
+        nb = jupytext.read(path, fmt="py:percent")
+        pair = path.with_suffix(".ipynb")
+        if pair.exists():
+            a, b = _cells(nb), _cells(nbformat.read(str(pair), as_version=4))
+            if a != b:
+                first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                raise NotebookPairError(
+                    f"{pair} and {path} hold different cells (first difference: cell {first}; "
+                    f"{len(b)} vs {len(a)} cells). dvc repro runs {path}. Open and save the "
+                    f"notebook in JupyterLab started by `make lab` (Jupytext writes both files), "
+                    f"or run `jupytext --sync {pair}` (it keeps the newer file's cells)")
+    else:
+        nb = nbformat.read(str(path), as_version=4)
+    nb.metadata = nbformat.NotebookNode(
+        kernelspec=nbformat.NotebookNode(KERNELSPEC),
+        language_info=nbformat.NotebookNode(name="python"))
+    return nb
 
 PARAMETERS_TAG = "parameters"
 _TAG_HOWTO = (
@@ -59,8 +124,8 @@ def _parse_cell(source: str, where: str) -> ast.Module:
 def declared_parameters(notebook: str | Path) -> list[str]:
     """The parameter names that a stage notebook's ``parameters`` cell declares, in order.
 
-    ``notebook`` is the path of an ``.ipynb`` file, read with nbformat (nothing is executed). It
-    must have exactly one cell tagged ``parameters``, and that cell must be a code cell: papermill
+    ``notebook`` is the path of a stage notebook, read with :func:`read_notebook` (nothing is
+    executed). It must have exactly one cell tagged ``parameters``, and that cell must be a code cell: papermill
     injects its cell right after it, so the injected values override the defaults. Its source is
     parsed with :mod:`ast`; the declared names are the targets of its top-level assignments:
     ``name: type = default`` (the project's convention, and what :func:`check_parameters` sees)
@@ -73,9 +138,7 @@ def declared_parameters(notebook: str | Path) -> list[str]:
     ``injected-parameters`` (left by an earlier papermill run) comes before it (the defaults would
     overwrite the injected values), or when its source is not valid Python.
     """
-    import nbformat
-
-    nb = nbformat.read(str(notebook), as_version=4)
+    nb = read_notebook(notebook)
     tagged = [i for i, cell in enumerate(nb.cells) if PARAMETERS_TAG in _cell_tags(cell)]
     if not tagged:
         raise ParameterError(
@@ -126,21 +189,33 @@ def _check_injected(notebook: str | Path, parameters: dict[str, Any]) -> None:
 
 def run_notebook(notebook: str | Path, executed: str | Path, parameters: dict[str, Any],
                  *, kernel_name: str = KERNEL_NAME, stream: bool = True) -> None:
-    """Execute ``notebook`` with papermill into ``executed`` (cwd = the current directory).
+    """Execute ``notebook`` (``X.py`` of a Jupytext pair, or an ``.ipynb``) with papermill into
+    ``executed`` (an ``.ipynb``), in the current directory.
 
-    Before anything runs or is written, the notebook must have exactly one code cell tagged
-    ``parameters`` and declare there every name of ``parameters`` (:func:`declared_parameters`);
-    otherwise :class:`ParameterError` is raised and ``executed`` is not created.
+    Before anything runs or is written, the notebook must be read by :func:`read_notebook` (a
+    pair in step) and have exactly one code cell tagged ``parameters`` declaring every name of
+    ``parameters`` (:func:`declared_parameters`); otherwise :class:`NotebookPairError` or
+    :class:`ParameterError` is raised and ``executed`` is not created.
 
-    With ``stream``, the notebook's stdout/stderr (progress bars included) are copied to this
-    process's as they arrive. A failing cell raises ``papermill.PapermillExecutionError``."""
+    The executed copy is written beside ``executed`` and renamed onto it when the run ends
+    (successful or not: a failed run's copy shows the failing cell), read-only (mode 0444), so
+    that opening it in JupyterLab cannot autosave over it. With ``stream``, the notebook's
+    stdout/stderr (progress bars included) are copied to this process's as they arrive. A
+    failing cell raises ``papermill.PapermillExecutionError``."""
     _check_injected(notebook, parameters)
     import papermill
 
-    Path(executed).parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(
-        str(notebook), str(executed), parameters=parameters, kernel_name=kernel_name,
-        cwd=os.getcwd(), progress_bar=False,
-        stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None,
-    )
-
+    nb = read_notebook(notebook)
+    executed = Path(executed)
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    partial = executed.with_name(f".{executed.stem}.partial.ipynb")
+    try:
+        papermill.execute_notebook(
+            nb, str(partial), parameters=parameters, kernel_name=kernel_name,
+            cwd=os.getcwd(), progress_bar=False, kernel_manager_class=_ipc_kernel_manager(),
+            stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None,
+        )
+    finally:
+        if partial.exists():
+            partial.chmod(0o444)
+            os.replace(partial, executed)

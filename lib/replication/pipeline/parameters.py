@@ -8,10 +8,13 @@ Every stage notebook starts with a ``parameters`` cell of literal, annotated def
 
 then, right after papermill's ``injected-parameters`` cell, one call::
 
-    P = check_parameters(globals())
+    P = notebook_setup(globals())
 
-which turns papermill's warnings into errors: an injected name that the ``parameters`` cell does
-not declare (a typo) or a value of the wrong type raises :class:`ParameterError`.
+which checks the declared parameters (a value of the wrong type raises :class:`ParameterError`;
+an injected name the cell does not declare was refused before the run, by
+:func:`replication.pipeline.notebooks.run_notebook`) and makes the repository root the working
+directory, so that the notebook's relative paths mean the same under ``dvc repro`` and when run
+by hand in JupyterLab (whose kernels start in ``notebooks/``), however often it is rerun.
 :func:`stage_parameters` reads the keys ``dvc.yaml`` lists for a stage from ``params.yaml``.
 """
 
@@ -20,16 +23,17 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ParameterError", "check_parameters", "stage_parameters", "load_yaml"]
+__all__ = ["ParameterError", "check_parameters", "notebook_setup", "repository_root",
+           "stage_parameters", "load_yaml"]
 
-# Names IPython itself puts in a kernel's user namespace (underscore names are skipped anyway).
-_IPYTHON_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython", "open"})
-_PLAIN_DATA = (bool, int, float, str, list, dict, tuple, type(None))
+# The file that marks the repository root (the folder DVC runs the stages in).
+ROOT_MARKER = "dvc.yaml"
 
 
 class ParameterError(ValueError):
@@ -126,33 +130,25 @@ def with_hints(names, known) -> str:
 
 
 def check_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
-    """Validate a notebook's parameters after papermill injected its overrides.
+    """Check a notebook's declared parameters after papermill injected its overrides.
 
     ``namespace`` is the notebook's ``globals()``. The declared parameters are the annotated
-    top-level names of the ``parameters`` cell (``namespace['__annotations__']``); papermill's
-    injected cell assigns without annotations. Every other top-level name holding plain data
-    (bool, int, float, str, list, dict, tuple, None) and not starting with ``_`` must therefore
-    be a mistyped or unknown injected parameter: that is an error, as is a value whose type does
-    not match its annotation. ints are converted to float where a float is declared, and the
-    converted values are written back into ``namespace``.
+    top-level names of the ``parameters`` cell (``namespace['__annotations__']``; papermill's
+    injected cell assigns without annotations). Only they are checked: each must have a value
+    whose type matches its annotation (ints are converted to float where a float is declared,
+    and the converted value is written back into ``namespace``). Other names, such as the
+    notebook's own ``P`` or results of an earlier Run All, are left alone; names injected
+    without being declared are refused before the run (``run_notebook``).
 
     Returns the parameters as a dict (declaration order), ready to be passed as keyword
-    arguments to a ``lib`` function.
+    arguments to a ``lib`` function. Raises :class:`ParameterError` naming the parameter, the
+    expected type and the value.
     """
     declared = dict(namespace.get("__annotations__", {}))
     if not declared:
         raise ParameterError(
             "no annotated parameters found: the notebook's `parameters` cell must declare each "
             "parameter as `name: type = default`")
-    unknown = sorted(
-        name for name, value in namespace.items()
-        if name not in declared and not name.startswith("_") and name not in _IPYTHON_NAMES
-        and isinstance(value, _PLAIN_DATA)
-    )
-    if unknown:
-        raise ParameterError(
-            f"unknown parameter(s) {with_hints(unknown, declared)}; this notebook declares: "
-            f"{', '.join(declared)}")
     checked = {}
     for name, tp in declared.items():
         if name not in namespace:
@@ -161,6 +157,32 @@ def check_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
         namespace[name] = checked[name]
     return checked
 
+
+def repository_root(start: str | Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: the working directory, which is the
+    notebook's folder in a JupyterLab kernel) that holds ``dvc.yaml``. Raises FileNotFoundError
+    naming ``start`` when there is none."""
+    here = Path(start if start is not None else os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ROOT_MARKER).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"no {ROOT_MARKER} in {here} or any folder above it: open the stage notebooks from the "
+        f"repository's notebooks/ folder (make lab), or run them from inside the repository")
+
+
+def notebook_setup(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The second cell of every stage notebook: :func:`check_parameters` on ``namespace`` (the
+    notebook's ``globals()``), then make :func:`repository_root` the working directory, so that
+    the relative paths of the ``parameters`` cell (relative to the repository root, as in
+    ``dvc.yaml``) resolve the same under ``dvc repro`` (already at the root) and in JupyterLab
+    (started in ``notebooks/``). Idempotent: Run All twice in one kernel gives the same result.
+    Returns the checked parameters."""
+    parameters = check_parameters(namespace)
+    root = repository_root()
+    if Path.cwd().resolve() != root:
+        os.chdir(root)
+    return parameters
 
 
 def load_yaml(path: str | Path) -> Any:

@@ -1,0 +1,51 @@
+# %% [markdown]
+# # Pythia's local volume across cutoffs (Figure 6 estimates)
+#
+# Stage `estimate_figure6` (params.yaml `estimate_figure6` and `pythia_estimate`; REPLICATION.md §5.3, §7.4, §7.5). The final checkpoint at cutoffs 1e-6 … 1e2 nats, naive and one Adam ν series per ε. Cost: mean KL from the checkpoint over the real tokens of the evaluation text (right padding masked; their number is reported). Prior N(0, σ²I) with σ = RMS of the step-0 parameters (computed). Adam ν from the optimizer state (`adam_source`), or a squared-gradient EMA for checkpoints without one. Shared settings: params.yaml `pythia_estimate`. Plotted by `plot_pythia` as aggregates (logsumexp − log k), each split into its prior and neighbourhood terms.
+#
+# An interrupted run resumes from the per-estimate progress files in `progress_dir`.
+
+# %% tags=["parameters"]
+# Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its
+# paths. Run by hand (JupyterLab: Run All, from any folder), the defaults below apply: params.yaml's
+# values, inputs read from the pipeline's results, and outputs written only under
+#   results/scratch/estimate_figure6/
+# never over the pipeline's (point an output path elsewhere to change that).
+checkpoints_dir: str = "results/pythia/checkpoints"  # from fetch_pythia
+estimates_path: str = "results/scratch/estimate_figure6/estimates.json"  # output: config, token counts, aggregates
+samples_path: str = "results/scratch/estimate_figure6/samples.npz"  # output: per-sample terms and radii
+progress_dir: str = "results/scratch/estimate_figure6/progress"  # resumable progress (not a DVC out)
+metrics_path: str = "results/scratch/estimate_figure6/estimate_metrics.json"  # output: aggregates (DVC metrics)
+eval_source: str = "local"  # "local" (held-out pydoc topics) or a JSONL path (Pile val.jsonl)
+n_eval_docs: int = 2  # evaluation documents (paper: 20)
+max_eval_tokens: int = 128  # right-padded, truncated (paper: 1024); KL over real tokens only
+data_batch_size: int = 2  # documents per forward pass (memory)
+direction_batch_size: int = 8  # directions per cost call (memory)
+rtol: float = 1e-2  # relative tolerance of the cost at each radius
+seed: int = 0  # directions: sample i depends only on (seed, i)
+exponent: float = 0.5  # Adam ν preconditioner p ∝ 1/(ν^exponent + ε)
+adam_source: str = "optimizer_state"  # "optimizer_state" or "squared_gradients"
+raw_checkpoint_dir: str = ""  # GPT-NeoX/DeepSpeed global_step{N}/ folders ("" for none)
+sqgrad_batches: int = 10  # squared-gradient EMA: batches of training-like text
+sqgrad_batch_size: int = 8  # squared-gradient EMA: sequences per batch
+sqgrad_seq_len: int = 64  # squared-gradient EMA: tokens per sequence
+sqgrad_beta2: float = 0.95  # squared-gradient EMA decay (Pythia's Adam beta2)
+device: str = "auto"  # "auto" (CUDA when available, else CPU), "cuda" (required) or "cpu"
+cutoffs: list[float] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]  # nats of mean KL, increasing
+adam_eps: list[float] = [1e-5, 1e-2]  # one Adam ν series per ε
+k: int = 2  # samples per cutoff and series (paper: 100)
+
+# %%
+from replication.pipeline import notebook_setup
+
+P = notebook_setup(globals())  # checks the parameters above; runs from the repository root
+
+# %%
+from replication.pythia import estimate
+
+summary = estimate.figure6_stage(**P)
+
+# %%
+from replication.sweep import summary_table
+
+summary_table(summary["estimates"], ("series", "step"))
