@@ -55,7 +55,7 @@ reproduce: data
 	$(if $(PROFILE),python -m replication.pipeline apply-profile profiles/$(PROFILE).yaml)
 	python -m replication.pipeline preflight
 	dvc repro
-	python -m replication.pipeline summary
+	python -m replication.summary
 
 test: setup
 	HF_HUB_OFFLINE=1 python -m pytest -ra $(PYTEST_ARGS)

@@ -75,8 +75,20 @@ def test_dvc_config_turns_off_analytics_and_update_checks():
 def test_dvc_yaml_structure():
     dvc = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())
     params = YAML(typ="safe").load((REPO / "params.yaml").read_text())
-    for name, stage in dvc["stages"].items():
-        assert stage["cmd"].startswith(f"python -m replication.pipeline run {name} notebooks/{name}.ipynb")
+    assert list(dvc["stages"]) == ["record_inputs", *STAGES]
+    inputs = dvc["stages"]["record_inputs"]
+    assert inputs["always_changed"] is True
+    fingerprints = [next(iter(o)) for o in inputs["outs"]]
+    readers = {"${paths.cifar_input}": {"prepare_cifar"},
+               "${paths.tokenizer_input}": {"fetch_pythia"},
+               "${paths.eval_text_input}": {"estimate_figure2", "estimate_figure4",
+                                            "estimate_figure6"}}
+    assert sorted(fingerprints) == sorted(readers)
+    for fingerprint, stages in readers.items():
+        assert {n for n, s in dvc["stages"].items() if fingerprint in s.get("deps", [])} == stages
+    for name in STAGES:
+        stage = dvc["stages"][name]
+        assert stage["cmd"].startswith(f"python -m replication.pipeline run {name} notebooks/{name}.py")
         # code dependencies are folders (or the shared sweep module), never module hand lists
         code = [d for d in stage["deps"] if d.startswith("lib/")]
         assert {"lib/localvol", "lib/replication/pipeline", "lib/replication/sweep.py"} <= set(code)
@@ -91,6 +103,11 @@ def test_dvc_yaml_structure():
         executed = [o for o in stage["outs"] if isinstance(o, dict)
                     and next(iter(o)).endswith(f"/{name}.ipynb")]
         assert executed and next(iter(executed[0].values())) == {"cache": False}
+    plots = [next(iter(p)) if isinstance(p, dict) else p for p in dvc["plots"]]
+    assert sorted(p for p in plots if p.startswith("figures/")) == sorted(
+        f"figures/figure{n}_{e}.png" for n, e in
+        [(1, "mlp"), (2, "pythia"), (3, "convnext"), (4, "pythia"), (5, "convnext"),
+         (6, "pythia"), (7, "convnext")])
     # params sections are named after their stages, except the two shared cost sections
     assert set(params) - set(dvc["stages"]) == {"pythia_estimate", "convnext_estimate"}
     metrics = [m for s in dvc["stages"].values() for m in s.get("metrics", [])]
@@ -118,6 +135,13 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
 
     # what `make reproduce PROFILE=tiny` does
     run([python, "-m", "replication.pipeline", "apply-profile", "profiles/tiny.yaml"], work)
+    # the tokenizer as a local copy this test may replace (an external input)
+    tokenizer = tmp_path / "tokenizer" / "20B_tokenizer.json"
+    tokenizer.parent.mkdir()
+    source = YAML(typ="safe").load((work / "params.yaml").read_text())["fetch_pythia"]["tokenizer_path"]
+    shutil.copy(work / source, tokenizer)
+    (tmp_path / "tok.yaml").write_text(f"fetch_pythia:\n  tokenizer_path: {tokenizer}\n")
+    run([python, "-m", "replication.pipeline", "apply-profile", str(tmp_path / "tok.yaml")], work)
     run([python, "-m", "replication.mlp.data", "write-data", "data/digits"], work)
     run([dvc, "add", "--quiet", "data"], work)
     assert (work / "data.dvc").read_text() == (REPO / "data.dvc").read_text(), \
@@ -138,8 +162,9 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
                 "val_accuracy"):
         assert key in text, key
 
-    # nothing changed: nothing runs
-    assert "Running stage" not in run([dvc, "repro"], work)
+    # nothing changed: nothing runs but the fingerprints of the external inputs
+    out = run([dvc, "repro"], work)
+    assert out.count("Running stage") == 1 and "Running stage 'record_inputs'" in out, out
     # finished estimate stages leave no resume state behind (issue 9 §1)
     assert not list((work / "results" / "progress").glob("*/*")), "stale progress files"
 
@@ -171,9 +196,17 @@ def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
     (tmp_path / "bins.yaml").write_text("plot_figure1:\n  bins: 9\n")
     run([python, "-m", "replication.pipeline", "apply-profile", str(tmp_path / "bins.yaml")], work)
     status = json.loads(run([dvc, "status", "--json"], work))
+    assert status.pop("record_inputs") == ["always changed"]
     assert list(status) == ["plot_figure1"], status
     (tmp_path / "cutoffs.yaml").write_text("estimate_figure6:\n  cutoffs: [1.0e-2, 1.0, 10.0]\n")
     run([python, "-m", "replication.pipeline", "apply-profile", str(tmp_path / "cutoffs.yaml")], work)
     status = json.loads(run([dvc, "status", "--json"], work))
     # (dvc status lists the stages whose own deps changed; plot_pythia follows when it runs)
-    assert set(status) == {"plot_figure1", "estimate_figure6"}, status
+    assert set(status) == {"record_inputs", "plot_figure1", "estimate_figure6"}, status
+    # a replaced external input (same path, other bytes) makes exactly its reader stale once its
+    # fingerprint is recorded
+    tokenizer.write_text(tokenizer.read_text() + "\n")
+    run([dvc, "repro", "record_inputs"], work)
+    status = json.loads(run([dvc, "status", "--json"], work))
+    assert set(status) == {"record_inputs", "plot_figure1", "estimate_figure6", "fetch_pythia"}
+    assert {"changed deps": {"results/inputs/tokenizer.json": "modified"}} in status["fetch_pythia"]
