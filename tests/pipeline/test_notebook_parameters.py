@@ -2,6 +2,7 @@
 parameters would be silently ignored: no (or several) cells tagged ``parameters``, or an injected
 name that the ``parameters`` cell does not declare (issue 9)."""
 
+import os
 import re
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from replication.pipeline.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
 DVC = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())
-STAGES = DVC["stages"]
+# stages that run a notebook (record_inputs is a plain command)
+STAGES = {n: s for n, s in DVC["stages"].items() if "replication.pipeline run" in s["cmd"]}
 
 PARAMETERS = 'out: str = "default.txt"  # output\ntext: str = "hello"\n'
 
@@ -137,9 +139,42 @@ def test_stage_cli_rejects_a_dvc_key_the_notebook_no_longer_declares(tmp_path, m
     (tmp_path / "params.yaml").write_text("tiny:\n  seed: 3\n")
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n  tiny:\n    cmd: x\n    params:\n      - tiny.seed\n")
-    with pytest.raises(ParameterError, match="'seed'"):
+    with pytest.raises(SystemExit, match="ParameterError: .*'seed'"):
         main(["run", "tiny", "stage.ipynb", "executed/stage.ipynb", "-p", "out", "injected.txt"])
     nothing_written(tmp_path, tmp_path / "executed" / "stage.ipynb")
+
+
+def test_stage_cli_names_the_params_key_of_an_ill_typed_value(tmp_path, monkeypatch):
+    """A wrong type in params.yaml stops the stage before the kernel starts, naming the key a
+    user edits (the section, not the notebook's short name)."""
+    monkeypatch.chdir(tmp_path)
+    make_notebook(tmp_path / "stage.ipynb", parameters='out: str = "x"\nseed: int = 0\n')
+    (tmp_path / "params.yaml").write_text("tiny:\n  seed: 'three'\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  tiny:\n    cmd: x\n    params:\n      - tiny.seed\n")
+    with pytest.raises(SystemExit, match=r"'params.yaml tiny.seed': expected int, got str"):
+        main(["run", "tiny", "stage.ipynb", "executed/stage.ipynb", "-p", "out", "injected.txt"])
+    nothing_written(tmp_path, tmp_path / "executed" / "stage.ipynb")
+
+
+def test_a_failing_stage_lists_the_params_keys_of_its_names(tmp_path, monkeypatch, capsys):
+    """An error raised by library code names the notebook's short name (``seed``); the runner
+    then says which params.yaml key that is, and leaves the executed copy (read-only) with the
+    failing cell."""
+    monkeypatch.chdir(tmp_path)
+    make_notebook(tmp_path / "stage.ipynb", parameters='out: str = "x"\nseed: int = 0\n')
+    nb = nbformat.read(tmp_path / "stage.ipynb", as_version=4)
+    nb.cells[-1].source = "if seed < 0:\n    raise ValueError(f'seed must be >= 0, got {seed}')"
+    nbformat.write(nb, tmp_path / "stage.ipynb")
+    (tmp_path / "params.yaml").write_text("tiny:\n  seed: -1\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  tiny:\n    cmd: x\n    params:\n      - tiny.seed\n")
+    with pytest.raises(SystemExit, match="ValueError: seed must be >= 0, got -1"):
+        main(["run", "tiny", "stage.ipynb", "executed/stage.ipynb", "-p", "out", "injected.txt"])
+    assert "seed = tiny.seed" in capsys.readouterr().err
+    executed = tmp_path / "executed" / "stage.ipynb"
+    assert executed.exists() and not os.access(executed, os.W_OK) or os.geteuid() == 0
+    assert oct(executed.stat().st_mode & 0o777) == "0o444"
 
 
 def stage_notebook_and_keys(stage: str) -> tuple[Path, set[str]]:

@@ -25,7 +25,8 @@ from replication.pipeline import (
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 DVC = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())
-STAGES = DVC["stages"]
+# stages that run a notebook (record_inputs is a plain command)
+STAGES = {n: s for n, s in DVC["stages"].items() if "replication.pipeline run" in s["cmd"]}
 PATHS = DVC["vars"][0]["paths"]
 CHECK = ("from replication.pipeline import notebook_setup\n\n"
          "P = notebook_setup(globals())  # checks the parameters above; runs from the repository root")

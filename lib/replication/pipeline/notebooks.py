@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from replication.pipeline.parameters import ParameterError, with_hints
 
 __all__ = ["KERNEL_NAME", "NotebookPairError", "read_notebook", "declared_parameters",
-           "run_notebook"]
+           "declared_annotations", "run_notebook"]
 
 KERNEL_NAME = "python3"
 KERNELSPEC = {"display_name": "Python 3 (localvol)", "language": "python", "name": KERNEL_NAME}
@@ -121,23 +121,8 @@ def _parse_cell(source: str, where: str) -> ast.Module:
         raise ParameterError(f"{where} is not valid Python: {err}") from err
 
 
-def declared_parameters(notebook: str | Path) -> list[str]:
-    """The parameter names that a stage notebook's ``parameters`` cell declares, in order.
-
-    ``notebook`` is the path of a stage notebook, read with :func:`read_notebook` (nothing is
-    executed). It must have exactly one cell tagged ``parameters``, and that cell must be a code cell: papermill
-    injects its cell right after it, so the injected values override the defaults. Its source is
-    parsed with :mod:`ast`; the declared names are the targets of its top-level assignments:
-    ``name: type = default`` (the project's convention, and what :func:`check_parameters` sees)
-    and also plain ``name = default``. Assignments nested in ``if``/``for``/functions are not
-    declarations.
-
-    Returns the names in declaration order, each once. Raises :class:`ParameterError` naming the
-    notebook when no cell or several cells are tagged ``parameters`` (with how many, and how to
-    tag the cell), when the tagged cell is not a code cell, when a cell tagged
-    ``injected-parameters`` (left by an earlier papermill run) comes before it (the defaults would
-    overwrite the injected values), or when its source is not valid Python.
-    """
+def _parameters_cell(notebook: str | Path) -> tuple[int, Any]:
+    """(index, cell) of the one code cell tagged ``parameters`` (rules: :func:`declared_parameters`)."""
     nb = read_notebook(notebook)
     tagged = [i for i, cell in enumerate(nb.cells) if PARAMETERS_TAG in _cell_tags(cell)]
     if not tagged:
@@ -164,6 +149,37 @@ def declared_parameters(notebook: str | Path) -> list[str]:
             f"{notebook}: cell {injected[0]} tagged 'injected-parameters' comes before the "
             f"{PARAMETERS_TAG!r} cell {index}, so the defaults would overwrite the injected "
             f"values; delete it (run stages from the committed notebook, not an executed copy)")
+    return index, cell
+
+
+def declared_annotations(notebook: str | Path) -> dict[str, str]:
+    """``{name: annotation source}`` of the ``name: type = default`` lines of ``notebook``'s
+    ``parameters`` cell (names assigned without an annotation are left out). Same errors as
+    :func:`declared_parameters`."""
+    index, cell = _parameters_cell(notebook)
+    tree = _parse_cell(cell.source, f"{notebook}: the {PARAMETERS_TAG!r} cell (cell {index})")
+    return {node.target.id: ast.unparse(node.annotation) for node in tree.body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+
+
+def declared_parameters(notebook: str | Path) -> list[str]:
+    """The parameter names that a stage notebook's ``parameters`` cell declares, in order.
+
+    ``notebook`` is the path of a stage notebook, read with :func:`read_notebook` (nothing is
+    executed). It must have exactly one cell tagged ``parameters``, and that cell must be a code cell: papermill
+    injects its cell right after it, so the injected values override the defaults. Its source is
+    parsed with :mod:`ast`; the declared names are the targets of its top-level assignments:
+    ``name: type = default`` (the project's convention, and what :func:`check_parameters` sees)
+    and also plain ``name = default``. Assignments nested in ``if``/``for``/functions are not
+    declarations.
+
+    Returns the names in declaration order, each once. Raises :class:`ParameterError` naming the
+    notebook when no cell or several cells are tagged ``parameters`` (with how many, and how to
+    tag the cell), when the tagged cell is not a code cell, when a cell tagged
+    ``injected-parameters`` (left by an earlier papermill run) comes before it (the defaults would
+    overwrite the injected values), or when its source is not valid Python.
+    """
+    index, cell = _parameters_cell(notebook)
     tree = _parse_cell(cell.source, f"{notebook}: the {PARAMETERS_TAG!r} cell (cell {index})")
     names: dict[str, None] = {}
     for node in tree.body:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ParameterError", "check_parameters", "notebook_setup", "repository_root",
-           "stage_parameters", "load_yaml"]
+           "stage_parameters", "stage_parameter_keys", "check_values", "load_yaml"]
 
 # The file that marks the repository root (the folder DVC runs the stages in).
 ROOT_MARKER = "dvc.yaml"
@@ -203,6 +203,39 @@ def _get_path(params: dict, dotted: str) -> Any:
     return node
 
 
+def _stage_sources(stage: str, dvc_yaml: str | Path,
+                   params_yaml: str | Path) -> dict[Path, list[str]]:
+    """{params file: [dotted keys]} that ``dvc.yaml`` lists for ``stage``."""
+    dvc_yaml = Path(dvc_yaml)
+    stages = load_yaml(dvc_yaml).get("stages", {})
+    if stage not in stages:
+        raise KeyError(f"stage {stage!r} not in {dvc_yaml}; stages: {', '.join(stages)}")
+    sources: dict[Path, list[str]] = {}
+    for entry in stages[stage].get("params", []):
+        if isinstance(entry, str):
+            sources.setdefault(Path(params_yaml), []).append(entry)
+        else:
+            for file, keys in entry.items():
+                sources.setdefault(dvc_yaml.parent / file, []).extend(keys)
+    return sources
+
+
+def stage_parameter_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml",
+                         params_yaml: str | Path = "params.yaml") -> dict[str, str]:
+    """``{notebook name: params key}`` for ``stage``, e.g. ``{"cutoff":
+    "estimate_figure1.cutoff"}`` (keys of another file than ``params_yaml`` are written
+    ``file:key``), so that messages can name the key a user edits. Two keys with the same last
+    component are an error (ValueError)."""
+    keys: dict[str, str] = {}
+    for file, dotted in _stage_sources(stage, dvc_yaml, params_yaml).items():
+        for key in dotted:
+            leaf = key.rsplit(".", 1)[-1]
+            if leaf in keys:
+                raise ValueError(f"stage {stage!r}: two parameters named {leaf!r}")
+            keys[leaf] = key if file == Path(params_yaml) else f"{file}:{key}"
+    return keys
+
+
 def stage_parameters(stage: str, dvc_yaml: str | Path = "dvc.yaml",
                      params_yaml: str | Path = "params.yaml") -> dict[str, Any]:
     """The parameters DVC tracks for ``stage``, keyed by their last path component.
@@ -211,20 +244,8 @@ def stage_parameters(stage: str, dvc_yaml: str | Path = "dvc.yaml",
     ``{file: [keys]}`` for other files, paths relative to ``dvc.yaml``). Two keys with the same
     last component are an error.
     """
-    dvc_yaml = Path(dvc_yaml)
-    stages = load_yaml(dvc_yaml).get("stages", {})
-    if stage not in stages:
-        raise KeyError(f"stage {stage!r} not in {dvc_yaml}; stages: {', '.join(stages)}")
-    entries = stages[stage].get("params", [])
-    sources: dict[Path, list[str]] = {}
-    for entry in entries:
-        if isinstance(entry, str):
-            sources.setdefault(Path(params_yaml), []).append(entry)
-        else:
-            for file, keys in entry.items():
-                sources.setdefault(dvc_yaml.parent / file, []).extend(keys)
     out: dict[str, Any] = {}
-    for file, keys in sources.items():
+    for file, keys in _stage_sources(stage, dvc_yaml, params_yaml).items():
         params = load_yaml(file)
         for key in keys:
             leaf = key.rsplit(".", 1)[-1]
@@ -232,3 +253,28 @@ def stage_parameters(stage: str, dvc_yaml: str | Path = "dvc.yaml",
                 raise ValueError(f"stage {stage!r}: two parameters named {leaf!r}")
             out[leaf] = _get_path(params, key)
     return out
+
+
+_ANNOTATION_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "list": list,
+                     "dict": dict, "tuple": tuple, "None": None, "Any": Any}
+
+
+def check_values(parameters: dict[str, Any], annotations: dict[str, str],
+                 keys: dict[str, str]) -> None:
+    """Check, before a stage runs, each value of ``parameters`` against the annotation its
+    notebook declares (``annotations``: name → annotation source, e.g. ``"list[float]"``), the
+    same way :func:`check_parameters` will inside the notebook, but naming the key to edit
+    (``keys``: name → ``params.yaml`` key; names without one are reported as ``-p NAME``).
+    Raises :class:`ParameterError` listing every ill-typed value."""
+    problems = []
+    for name, value in parameters.items():
+        if name not in annotations:
+            continue  # undeclared names are refused by run_notebook, with a hint
+        tp = eval(annotations[name], {"__builtins__": {}}, _ANNOTATION_NAMES)  # noqa: S307
+        where = f"params.yaml {keys[name]}" if name in keys else f"-p {name}"
+        try:
+            _coerce(where, value, tp)
+        except ParameterError as err:
+            problems.append(str(err))
+    if problems:
+        raise ParameterError("; ".join(problems))
