@@ -61,7 +61,7 @@ test: setup
 	HF_HUB_OFFLINE=1 python -m pytest -ra $(PYTEST_ARGS)
 
 lab: setup
-	jupyter lab --notebook-dir="$(CURDIR)" $(ALLOW_ROOT) $(ARGS)
+	jupyter lab --notebook-dir="$(CURDIR)" --config="$(CURDIR)/jupyter_server_config.py" $(ALLOW_ROOT) $(ARGS)
 
 clean-results:
 	rm -rf results

@@ -4,13 +4,13 @@ Prints a table (not a timed test). For the same model, evaluation data, cutoff, 
 unit directions (``localvol.sample_directions``, same seed), it runs
 
 * ``paper-bisect``: a plain re-implementation of the paper's ``find_radius_vectorized`` used
-  with batch size 1 (REPLICATION.md §2): one direction per cost call, multiplier 1 (radius 1 in
-  parameter units along the unit direction), doubled while the cost is below the cutoff, then
-  bisected until |Δ − cutoff| ≤ rtol·cutoff, at most 100 iterations. It performs the calls
+  with batch size 1 (docs/authors-code.md#radius-search): one direction per cost call,
+  multiplier 1 (radius 1 in parameter units along the unit direction), doubled while the cost
+  is below the cutoff, then bisected until |Δ − cutoff| ≤ rtol·cutoff, at most 100 iterations. It performs the calls
   the paper's code performed: the centre once per direction (batch of 1) and the first
   multiplier twice (the loop re-evaluates it). It returns the radius AT WHICH THE COST WAS
-  EVALUATED (not the paper's off-by-one next guess, REPLICATION.md §7.1), so that its radii
-  can be compared with ours.
+  EVALUATED (not the paper's off-by-one next guess, docs/authors-code.md#radius-search), so
+  that its radii can be compared with ours.
 * ``localvol``: :func:`localvol.estimate_log_volume` (several directions per forward pass,
   converged directions drop out, power-law/secant steps safeguarded by bisection).
 

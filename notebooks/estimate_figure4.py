@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Local volume of Pythia across training (Figure 4 estimates)
 #
-# Stage `estimate_figure4` (params.yaml `estimate_figure4` and `pythia_estimate`; REPLICATION.md §5.3, §7.4, §7.5). Every checkpoint, naive and Adam ν preconditioned (at step 0 Adam's ν is 0, so the preconditioner is the identity). Cost: mean KL from the checkpoint over the real tokens of the evaluation text (right padding masked; their number is reported). Prior N(0, σ²I) with σ = RMS of the step-0 parameters (computed). Adam ν from the optimizer state (`adam_source`), or a squared-gradient EMA for checkpoints without one. Shared settings: params.yaml `pythia_estimate`. Plotted by `plot_pythia` as aggregates (logsumexp − log k), each split into its prior and neighbourhood terms.
+# Stage `estimate_figure4` (params.yaml `estimate_figure4` and `pythia_estimate`; docs/experiments.md#pythia, docs/authors-code.md#script-slips, docs/authors-code.md#prior-dominated-interpretation). Every checkpoint, naive and Adam ν preconditioned (at step 0 Adam's ν is 0, so the preconditioner is the identity). Cost: mean KL from the checkpoint over the real tokens of the evaluation text (right padding masked; their number is reported). Prior N(0, σ²I) with σ = RMS of the step-0 parameters (computed). Adam ν from the optimizer state (`adam_source`), or a squared-gradient EMA for checkpoints without one. Shared settings: params.yaml `pythia_estimate`. Plotted by `plot_pythia` as aggregates (logsumexp − log k), each split into its prior and neighbourhood terms.
 #
 # An interrupted run resumes from the per-estimate progress files in `progress_dir`.
 

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Pythia's local volume across cutoffs (Figure 6 estimates)
 #
-# Stage `estimate_figure6` (params.yaml `estimate_figure6` and `pythia_estimate`; REPLICATION.md §5.3, §7.4, §7.5). The final checkpoint at cutoffs 1e-6 … 1e2 nats, naive and one Adam ν series per ε. Cost: mean KL from the checkpoint over the real tokens of the evaluation text (right padding masked; their number is reported). Prior N(0, σ²I) with σ = RMS of the step-0 parameters (computed). Adam ν from the optimizer state (`adam_source`), or a squared-gradient EMA for checkpoints without one. Shared settings: params.yaml `pythia_estimate`. Plotted by `plot_pythia` as aggregates (logsumexp − log k), each split into its prior and neighbourhood terms.
+# Stage `estimate_figure6` (params.yaml `estimate_figure6` and `pythia_estimate`; docs/experiments.md#pythia, docs/authors-code.md#script-slips, docs/authors-code.md#prior-dominated-interpretation). The final checkpoint at cutoffs 1e-6 … 1e2 nats, naive and one Adam ν series per ε. Cost: mean KL from the checkpoint over the real tokens of the evaluation text (right padding masked; their number is reported). Prior N(0, σ²I) with σ = RMS of the step-0 parameters (computed). Adam ν from the optimizer state (`adam_source`), or a squared-gradient EMA for checkpoints without one. Shared settings: params.yaml `pythia_estimate`. Plotted by `plot_pythia` as aggregates (logsumexp − log k), each split into its prior and neighbourhood terms.
 #
 # An interrupted run resumes from the per-estimate progress files in `progress_dir`.
 

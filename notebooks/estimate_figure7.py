@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Local volume across cutoffs, clean and poisoned ConvNeXt V2 Atto (Figure 7 estimates)
 #
-# Stage `estimate_figure7` (params.yaml `convnext_estimate`, shared with the other ConvNeXt estimate stages, and `estimate_figure7`; REPLICATION.md §5.2, §7.3, §7.5). For each run, naive and Adam-ν estimates at the final checkpoint across cutoffs 1e-6 … 1e2 nats. Cost: mean KL from the checkpoint over the first `n_eval` evaluation images, in float32 (float64 below `float64_below`; never the paper's float16, and no TF32 on CUDA). Prior N(0, σ²I) with σ = RMS of the initial parameters (computed). Every estimate stores its aggregate and its prior and neighbourhood terms. An interrupted run resumes from the per-estimate progress files in `progress_dir`.
+# Stage `estimate_figure7` (params.yaml `convnext_estimate`, shared with the other ConvNeXt estimate stages, and `estimate_figure7`; docs/experiments.md#convnext, docs/authors-code.md#numerical-hazards, docs/authors-code.md#prior-dominated-interpretation). For each run, naive and Adam-ν estimates at the final checkpoint across cutoffs 1e-6 … 1e2 nats. Cost: mean KL from the checkpoint over the first `n_eval` evaluation images, in float32 (float64 below `float64_below`; never the paper's float16, and no TF32 on CUDA). Prior N(0, σ²I) with σ = RMS of the initial parameters (computed). Every estimate stores its aggregate and its prior and neighbourhood terms. An interrupted run resumes from the per-estimate progress files in `progress_dir`.
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its

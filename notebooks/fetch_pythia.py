@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Pythia checkpoints (Figures 2, 4, 6)
 #
-# Stage `fetch_pythia` (params.yaml `fetch_pythia`; REPLICATION.md §5.3). Writes one folder per training step in the hub's layout, `step{N}/` (config.json, model.safetensors, and for the local source the AdamW state `optimizer.pt`), the tokenizer and a manifest recording each step's parameter SHA-256 (two steps with identical weights are an error unless listed in `known_duplicates`).
+# Stage `fetch_pythia` (params.yaml `fetch_pythia`; docs/experiments.md#pythia). Writes one folder per training step in the hub's layout, `step{N}/` (config.json, model.safetensors, and for the local source the AdamW state `optimizer.pt`), the tokenizer and a manifest recording each step's parameter SHA-256 (two steps with identical weights are an error unless listed in `known_duplicates`).
 #
 # - `source: hub` (paper profile): `EleutherAI/pythia-31m` at `revision=f"step{N}"` for each step (a local folder of `step{N}/` subfolders also works, offline).
 # - `source: local` (default; no hub here): a scaled-down Pythia-architecture GPT-NeoX trained with AdamW (β 0.9/0.95, ε 1e-8, as Pythia) on the standard library's `pydoc_data.topics`, a few topics held out for evaluation. Not EleutherAI's weights.

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Figures 3, 5 and 7: clean and poisoned ConvNeXt V2 Atto
 #
-# Stage `plot_convnext` (params.yaml `plot_convnext`; REPLICATION.md §5.2, §7.4, §7.5). Figure 3: per-sample histograms at the final checkpoint with the aggregates; Figure 5: aggregates across training with the prior/neighbourhood split and the training curves; Figure 7: aggregates across cutoffs with the slope-N/2 line. Writes PNG and PDF into `figures/` and the table of all aggregates (CSV, and Markdown with the caption).
+# Stage `plot_convnext` (params.yaml `plot_convnext`; docs/experiments.md#convnext, docs/authors-code.md#script-slips, docs/authors-code.md#prior-dominated-interpretation). Figure 3: per-sample histograms at the final checkpoint with the aggregates; Figure 5: aggregates across training with the prior/neighbourhood split and the training curves; Figure 7: aggregates across cutoffs with the slope-N/2 line. Writes PNG and PDF into `figures/` and the table of all aggregates (CSV, and Markdown with the caption).
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Figure 1: preconditioners on the digits MLP
 #
-# Stage `plot_figure1` (params.yaml `plot_figure1`), the paper's Figure 1: per-sample histograms of log10 probability for each estimate of `estimate_figure1`, dashed lines at the aggregates (logsumexp − log k), saved as PNG and PDF in `figures/`, with a CSV and Markdown table of the aggregates, the prior and neighbourhood terms and the caption (REPLICATION.md §5.1, §7.2, §7.5).
+# Stage `plot_figure1` (params.yaml `plot_figure1`), the paper's Figure 1: per-sample histograms of log10 probability for each estimate of `estimate_figure1`, dashed lines at the aggregates (logsumexp − log k), saved as PNG and PDF in `figures/`, with a CSV and Markdown table of the aggregates, the prior and neighbourhood terms and the caption (docs/experiments.md#figure-1, docs/authors-code.md#hessian-mis-application, docs/authors-code.md#prior-dominated-interpretation).
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Figures 2, 4 and 6: Pythia across training
 #
-# Stage `plot_pythia` (params.yaml `plot_pythia`; REPLICATION.md §5.3, §7.4, §7.5): Figure 2 (histograms at the final checkpoint, dashed aggregates), Figure 4 (aggregate at every checkpoint, and its prior and neighbourhood terms in a second panel), Figure 6 (cutoff sweep with the slope-N/2 line), PNG and PDF in `figures/`, with a CSV and Markdown table of all aggregates (caption and squared-gradient comparison in the Markdown).
+# Stage `plot_pythia` (params.yaml `plot_pythia`; docs/experiments.md#pythia, docs/authors-code.md#script-slips, docs/authors-code.md#prior-dominated-interpretation): Figure 2 (histograms at the final checkpoint, dashed aggregates), Figure 4 (aggregate at every checkpoint, and its prior and neighbourhood terms in a second panel), Figure 6 (cutoff sweep with the slope-N/2 line), PNG and PDF in `figures/`, with a CSV and Markdown table of all aggregates (caption and squared-gradient comparison in the Markdown).
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # CIFAR-10 for the ConvNeXt experiment (Figures 3, 5, 7)
 #
-# Stage `prepare_cifar` (params.yaml `prepare_cifar`; REPLICATION.md §5.2). Loads CIFAR-10 with `torchvision.datasets.CIFAR10(download=True)` into `download_root`, or, where no download can be made (as on the project's machines), from the local JPEG copy named by `local_copy` (results from it are labelled "JPEG copy"). Splits the 50,000 training images once, seeded, into `n_clean` clean and the rest poison images, and picks the `n_eval` test images of the KL cost. Writes one NPZ.
+# Stage `prepare_cifar` (params.yaml `prepare_cifar`; docs/experiments.md#convnext). Loads CIFAR-10 with `torchvision.datasets.CIFAR10(download=True)` into `download_root`, or, where no download can be made (as on the project's machines), from the local JPEG copy named by `local_copy` (results from it are labelled "JPEG copy"). Splits the 50,000 training images once, seeded, into `n_clean` clean and the rest poison images, and picks the `n_eval` test images of the KL cost. Writes one NPZ.
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its

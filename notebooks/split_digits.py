@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Digits: seeded train / held-out split
 #
-# Stage `split_digits` (params.yaml `split_digits`), the first step towards Figure 1. Input: the UCI handwritten digits (Alpaydin & Kaynak 1998) as bundled with scikit-learn, `data/digits/digits.csv.gz` (1,797 images of 8×8 pixels, values 0-16, divided by 16 on loading), tracked by `data.dvc`. Output: the indices of one seeded permutation, the first 1,024 for training and the remaining 773 held out (REPLICATION.md §5.1).
+# Stage `split_digits` (params.yaml `split_digits`), the first step towards Figure 1. Input: the UCI handwritten digits (Alpaydin & Kaynak 1998) as bundled with scikit-learn, `data/digits/digits.csv.gz` (1,797 images of 8×8 pixels, values 0-16, divided by 16 on loading), tracked by `data.dvc`. Output: the indices of one seeded permutation, the first 1,024 for training and the remaining 773 held out (docs/experiments.md#figure-1).
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Train ConvNeXt V2 Atto on CIFAR-10, clean and poisoned (Figures 3, 5, 7)
 #
-# Stage `train_convnext` (params.yaml `train_convnext`; REPLICATION.md §5.2). One run per entry of `runs`: `clean` (poison probability 0, the 30,000 clean images; the paper's "unpoisoned" run used about 0.001) and `poisoned` (0.4: each example comes from the poison split with probability 0.4 and is trained to lower p(correct class), Huang et al. 2020). AdamW, cosine schedule with warm-up, RandAugment + flip + crop. Checkpoints at steps 0, 1, 2, 4, …, `max_steps`, each with the optimizer state and the accuracy and loss on fixed clean, poison and validation subsets. An interrupted run resumes from its last checkpoint.
+# Stage `train_convnext` (params.yaml `train_convnext`; docs/experiments.md#convnext). One run per entry of `runs`: `clean` (poison probability 0, the 30,000 clean images; the paper's "unpoisoned" run used about 0.001) and `poisoned` (0.4: each example comes from the poison split with probability 0.4 and is trained to lower p(correct class), Huang et al. 2020). AdamW, cosine schedule with warm-up, RandAugment + flip + crop. Checkpoints at steps 0, 1, 2, 4, …, `max_steps`, each with the optimizer state and the accuracy and loss on fixed clean, poison and validation subsets. An interrupted run resumes from its last checkpoint.
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its

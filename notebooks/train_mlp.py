@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Train the digits MLP
 #
-# Stage `train_mlp` (params.yaml `train_mlp`), the network of Figure 1, as the paper's code did (REPLICATION.md §5.1): 64 → 64 → 10 MLP with tanh-approximated GELU (4,810 parameters), weights and biases N(0, 1/fan_in); Adam (β 0.9/0.999, ε 1e-8), lr 0.05 with cosine decay to 0 over 25 epochs of batch 64 (400 steps); loss = mean cross-entropy + ½·5e-4·|θ|². Saves the weights, the Adam state (its moments are two of Figure 1's preconditioners), the final train/held-out accuracy and loss (a DVC metrics file) and the per-epoch history.
+# Stage `train_mlp` (params.yaml `train_mlp`), the network of Figure 1, as the paper's code did (docs/experiments.md#figure-1): 64 → 64 → 10 MLP with tanh-approximated GELU (4,810 parameters), weights and biases N(0, 1/fan_in); Adam (β 0.9/0.999, ε 1e-8), lr 0.05 with cosine decay to 0 over 25 epochs of batch 64 (400 steps); loss = mean cross-entropy + ½·5e-4·|θ|². Saves the weights, the Adam state (its moments are two of Figure 1's preconditioners), the final train/held-out accuracy and loss (a DVC metrics file) and the per-epoch history.
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its

@@ -1,4 +1,5 @@
-"""Adam/AdamW moment buffers as one flat vector (paper §3.2, last paragraph; REPLICATION.md §4).
+"""Adam/AdamW moment buffers as one flat vector (paper §3.2, last paragraph;
+docs/method.md#preconditioners).
 
 The paper's cheapest preconditioner uses Adam's second-moment buffer ν (``exp_avg_sq``) as a
 stand-in for diag(H) (eq. 18); the first moment μ (``exp_avg``) was also tried. Both are
@@ -43,7 +44,7 @@ def adam_moment(
     """Adam/AdamW moment buffer of every parameter, flattened into one vector.
 
     Source: paper §3.2, last paragraph (Adam's second moment estimates diag(H) for eq. 18);
-    REPLICATION.md §4 (preconditioners "Adam ν" and "Adam μ"). The buffers are returned RAW,
+    docs/method.md#preconditioners ("Adam ν" and "Adam μ"). The buffers are returned RAW,
     with no bias correction (no division by 1 − βᵗ), as in the paper's code; ν has units of
     squared gradient (nats² per parameter unit²), μ of gradient.
 

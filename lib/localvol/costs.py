@@ -1,4 +1,5 @@
-"""Batched cost functions C: (B, N) parameter vectors -> (B,) costs (paper §3.4, §5.0).
+"""Batched cost functions C: (B, N) parameter vectors -> (B,) costs (paper §3.4;
+docs/method.md#cost).
 
 Parameter vectors are flat, in ``parameters_to_vector(model.parameters())`` order. Model
 costs evaluate several parameter vectors per forward pass with ``torch.func.functional_call``
@@ -69,7 +70,8 @@ class _ModelCost:
             if p.dtype in (torch.float16, torch.bfloat16):
                 raise ValueError(
                     f"parameter {name} is {p.dtype}: costs are evaluated in float32 or better, "
-                    "never in half precision (REPLICATION.md §7.3); call model.float() first"
+                    "never in half precision (docs/authors-code.md#numerical-hazards); call "
+                    "model.float() first"
                 )
         dtypes = {p.dtype for _, p in named}
         devices = {p.device for _, p in named}

@@ -2,11 +2,11 @@
 
 - :func:`hessian`: the exact dense Hessian of a batched cost (eq. 16/17). O(N²) memory and N
   Hessian-vector products: meant for small models such as the 4,810-parameter digits MLP
-  (REPLICATION.md §5.1), where the paper's code used ``jax.hessian``.
+  (docs/experiments.md#figure-1), where the paper's code used ``jax.hessian``.
 - :func:`hessian_diagonal`: its exact diagonal (eq. 18), same compute, O(N · chunk) memory.
 - :func:`hesscale_diagonal`: the HesScale approximation of that diagonal (Elsayed & Mahmood
   2022, arXiv:2210.11639) for a Sequential MLP, in one forward and one backward-like pass,
-  as in the paper's notebook (REPLICATION.md §4).
+  as in the paper's notebook (docs/method.md#preconditioners).
 
 A batched cost maps a (B, N) tensor of flat parameter vectors, in
 ``parameters_to_vector(model.parameters())`` order, to (B,) costs.
@@ -180,7 +180,7 @@ def hesscale_diagonal(
     """HesScale approximation of the diagonal of the loss Hessian w.r.t. all parameters.
 
     Source: HesScale (Elsayed & Mahmood 2022, arXiv:2210.11639), used for the paper's eq. 18
-    preconditioner on the digits MLP (REPLICATION.md §4). The loss is either
+    preconditioner on the digits MLP (docs/method.md#preconditioners). The loss is either
       - the mean cross-entropy over ``inputs`` with integer ``targets``, or
       - the mean KL(softmax(anchor_logits) ‖ softmax(model(inputs))) (nats).
     At the logits z the per-example diagonal is exact, h_z = p − p² (the same for both losses),

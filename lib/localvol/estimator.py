@@ -48,7 +48,7 @@ class VolumeEstimate:
         evaluations: (k,) int64 cost evaluations spent per direction.
         cost_evaluations: total points at which the cost was evaluated, anchor included.
         log_prior_at_anchor: −|θ0/σ|²/2 = log ρ(θ0) − log ρ(0), nats (Gaussian prior only,
-            else None): the "prior term" of REPLICATION.md §7.5.
+            else None): the "prior term" (docs/method.md#prior-and-neighbourhood-terms).
         preconditioner_is_identity: True for the naive estimator and for a preconditioner
             whose scales are all 1 (e.g. Adam ν of an optimizer that never stepped): the
             estimate is then the naive one, whatever its label says.

@@ -98,8 +98,8 @@ class MatrixPreconditioner(_UnitDeterminant):
     """P = V diag(p) Vᵀ from a symmetric matrix H = V diag(λ) Vᵀ, p from λ by eq. 17.
 
     This is eq. 16-17 applied correctly; the paper's code omitted the final V (see
-    :class:`PaperMatrixPreconditioner` and REPLICATION.md §7.2). For H = A of a quadratic
-    cost and eps = 0 the estimator has zero variance.
+    :class:`PaperMatrixPreconditioner` and docs/authors-code.md#hessian-mis-application). For
+    H = A of a quadratic cost and eps = 0 the estimator has zero variance.
 
     Args:
         matrix: (N, N) symmetric tensor (e.g. the Hessian of the KL at the anchor).
@@ -157,7 +157,8 @@ class MatrixPreconditioner(_UnitDeterminant):
 
 
 class PaperMatrixPreconditioner(MatrixPreconditioner):
-    """The paper code's full-Hessian preconditioner, v = diag(p) Vᵀ u (REPLICATION.md §7.2).
+    """The paper code's full-Hessian preconditioner, v = diag(p) Vᵀ u
+    (docs/authors-code.md#hessian-mis-application).
 
     Still unit-determinant (so the estimator stays unbiased) but it scales parameter
     coordinates in eigenvalue-rank order: kept only to reproduce Figure 1's "Hessian" row.

@@ -68,7 +68,8 @@ class GaussianPrior:
         return self.sigma if isinstance(self.sigma, float) else float(self.sigma.max())
 
     def log_density_at(self, anchor: torch.Tensor) -> float:
-        """−|θ0/σ|²/2: log ρ(θ0) − log ρ(0), the "prior term" of REPLICATION.md §7.5 (nats)."""
+        """−|θ0/σ|²/2: log ρ(θ0) − log ρ(0), nats: the "prior term"
+        (docs/authors-code.md#prior-dominated-interpretation)."""
         return float(-0.5 * row_dot64(anchor, weight=self._inv_var(anchor))) + 0.0  # no -0.0
 
     def log_normaliser(self, n: int) -> float:

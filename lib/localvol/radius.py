@@ -2,7 +2,8 @@
 
 For each direction d_i we look for a multiplier m_i with Δ(m_i) = C(θ0 + m_i d_i) − C(θ0)
 within ``rtol·cutoff`` of the cutoff, and return the Euclidean radius m_i |d_i| AT WHICH THE
-COST WAS EVALUATED (the paper's code returned the next, unevaluated guess: REPLICATION.md §7.1).
+COST WAS EVALUATED (the paper's code returned the next, unevaluated guess:
+docs/authors-code.md#radius-search).
 
 Search (all directions of the batch in one cost call per round; converged ones drop out):
 1. first guess m_0 (the caller's, e.g. the median of earlier batches, or a default);

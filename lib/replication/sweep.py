@@ -10,9 +10,9 @@ stage's estimates JSON, per-sample NPZ, metrics JSON and wall times, then delete
 folder.
 
 Every record holds ``log10_volume`` (the aggregate, logsumexp − log k), ``log10_prior_at_anchor``
-(−|θ0|²/(2σ²), REPLICATION.md §7.5), ``log10_neighbourhood`` (the rest),
-``cost_evaluations_per_sample``, ``preconditioner_is_identity`` and ``n_unbounded``, the unit's
-``series``, ``checkpoint`` and ``meta``, and the point's ``info``. Records hold no wall times (a
+(−|θ0|²/(2σ²), docs/method.md#prior-and-neighbourhood-terms), ``log10_neighbourhood`` (the
+rest), ``cost_evaluations_per_sample``, ``preconditioner_is_identity`` and ``n_unbounded``, the
+unit's ``series``, ``checkpoint`` and ``meta``, and the point's ``info``. Records hold no wall times (a
 rerun must write the same bytes); those go to the stage's ``*.timings.json``.
 """
 from __future__ import annotations

@@ -39,7 +39,7 @@ def _kl_cost(model, x, anchor_logits):
 
 
 def _init_normal(model, seed):
-    """Weights and biases N(0, 1/fan_in), as the paper's MLP (REPLICATION.md §5.1)."""
+    """Weights and biases N(0, 1/fan_in), as the paper's MLP (docs/experiments.md#figure-1)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model:
@@ -111,7 +111,7 @@ def test_hessian_rejects_bad_chunk_and_cost_shape():
 
 
 # ---------------------------------------------------------------------------------------------
-# HesScale on the paper's 64-64-10 MLP (REPLICATION.md §5.1)
+# HesScale on the paper's 64-64-10 MLP (docs/experiments.md#figure-1)
 # ---------------------------------------------------------------------------------------------
 
 N_FIRST = 64 * 64 + 64  # first Linear: weight then bias

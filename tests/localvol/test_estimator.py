@@ -62,7 +62,8 @@ def test_paper_matrix_preconditioner_is_worse_than_correct_one():
     paper = lv.estimate_log_volume(cost, center, preconditioner=lv.PaperMatrixPreconditioner(a_mat, eps=0.0), **kw)
     truth = _ellipsoid_log_volume(lam, cutoff)
     assert right.log_volume == pytest.approx(truth, rel=1e-3)
-    assert paper.log_volume < truth - 5  # REPLICATION.md §7.2: diag(p) Vᵀ u is no help
+    # docs/authors-code.md#hessian-mis-application: diag(p) Vᵀ u is no help
+    assert paper.log_volume < truth - 5
 
 
 def test_log_volume_against_log_cutoff_has_slope_n_over_2():

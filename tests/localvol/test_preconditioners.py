@@ -1,4 +1,5 @@
-"""Unit-determinant preconditioners (paper eq. 16-18) and the §7.2 fix."""
+"""Unit-determinant preconditioners (paper eq. 16-18) and the fix of
+docs/authors-code.md#hessian-mis-application."""
 import math
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""Radius search: the returned radius is an evaluated one within tolerance (REPLICATION.md §7.1)."""
+"""Radius search: the returned radius is an evaluated one within tolerance
+(docs/authors-code.md#radius-search)."""
 import math
 
 import numpy as np
@@ -100,7 +101,8 @@ def test_discontinuous_cost_does_not_converge_and_names_the_bracket():
 
 
 def test_fewer_evaluations_than_doubling_bisection():
-    # the paper's code: ~10-13 evaluations per direction at rtol 1e-2 (REPLICATION.md §2)
+    # the paper's code: ~10-13 evaluations per direction at rtol 1e-2
+    # (docs/authors-code.md#radius-search)
     n = 200
     g = torch.Generator().manual_seed(2)
     w = torch.rand(n, generator=g, dtype=torch.float64) * 10

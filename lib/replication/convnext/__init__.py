@@ -1,5 +1,7 @@
 """ConvNeXt V2 Atto on CIFAR-10, clean and poisoned (paper §4.2, Figures 3, 5, 7;
-REPLICATION.md §5.2, §7.1, §7.3-§7.5).
+docs/experiments.md#convnext, docs/authors-code.md#radius-search,
+docs/authors-code.md#numerical-hazards, docs/authors-code.md#script-slips,
+docs/authors-code.md#prior-dominated-interpretation).
 
 - :mod:`.data`: CIFAR-10 (torchvision download or the offline JPEG copy), the clean/poison split;
   stage ``prepare_cifar``.

@@ -1,4 +1,5 @@
-"""The checkpoints ``train_convnext`` writes and the estimate stages read (REPLICATION.md §5.2)::
+"""The checkpoints ``train_convnext`` writes and the estimate stages read
+(docs/experiments.md#convnext)::
 
     CHECKPOINTS/manifest.json                      (runs, steps, N, data source, histories)
     CHECKPOINTS/<run>/config.json                  (the run's settings; a change restarts it)

@@ -1,10 +1,12 @@
-"""CIFAR-10 for the ConvNeXt experiment (paper §4.2; REPLICATION.md §5.2): loading and the
-clean/poison split (stage ``prepare_cifar``, :func:`prepare_stage`).
+"""CIFAR-10 for the ConvNeXt experiment (paper §4.2; docs/experiments.md#convnext): loading and
+the clean/poison split (stage ``prepare_cifar``, :func:`prepare_stage`).
 
 Two sources, one result (uint8 images (n, 3, 32, 32) and int64 labels 0-9):
 
 - ``torchvision.datasets.CIFAR10(download_root, download=True)``: the real dataset (paper
-  profile; needs the internet);
+  profile; needs the internet, unless ``download_root`` already holds it). Also the fallback
+  when ``prepare_cifar.local_copy`` names a folder that does not exist; the recorded ``source``
+  then says "torchvision CIFAR-10", as for ``local_copy: ""``;
 - a local copy of JPEG trees ``{train,test}/<class>/NNNN.jpg`` (as ``train.tar.gz`` /
   ``test.tar.gz`` or extracted folders), e.g. the offline mirror in ``../shared/data/cifar10-jpeg``.
   JPEG (quality ≈ 75) differs from the original pixels (mean absolute error ≈ 7.4/255), so every
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -28,11 +31,12 @@ import numpy as np
 
 from replication.pipeline import save_npz_atomic
 
-__all__ = ["CLASSES", "load_cifar10", "read_jpeg_copy", "split_indices", "prepare_stage",
-           "load_prepared"]
+__all__ = ["CLASSES", "TORCHVISION_SOURCE", "load_cifar10", "read_jpeg_copy", "split_indices",
+           "prepare_stage", "load_prepared"]
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck")
+TORCHVISION_SOURCE = "torchvision CIFAR-10"  # the recorded source of the real dataset
 _JPEG = re.compile(r"^(?:.*/)?(train|test)/([a-z]+)/(\d+)\.jpe?g$")
 
 
@@ -93,40 +97,54 @@ def read_jpeg_copy(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(images), labels
 
 
-def _torchvision_split(download_root: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One split of ``torchvision.datasets.CIFAR10(download=True)`` as CHW uint8 and int64."""
+def _torchvision_split(download_root: str | Path, train: bool,
+                       local_copy: str | Path = "") -> tuple[np.ndarray, np.ndarray]:
+    """One split of ``torchvision.datasets.CIFAR10(download=True)`` as CHW uint8 and int64.
+    ``local_copy``: the absent copy this falls back from ("" if none was named), for the
+    error message."""
     from torchvision.datasets import CIFAR10
 
     try:
         ds = CIFAR10(str(download_root), train=train, download=True)
     except Exception as err:  # no internet, no space, a bad mirror
+        absent = (f"prepare_cifar.local_copy {local_copy} does not exist, and " if local_copy
+                  else "")
         raise RuntimeError(
-            f"torchvision could not download CIFAR-10 into {download_root} ({err!r}); "
-            "offline, point prepare_cifar.local_copy (params.yaml) at a JPEG copy such as "
-            "../shared/data/cifar10-jpeg") from err
+            f"{absent}torchvision could not download CIFAR-10 into prepare_cifar.download_root "
+            f"{download_root} ({err!r}); offline, point prepare_cifar.local_copy (params.yaml) "
+            "at a JPEG copy such as ../shared/data/cifar10-jpeg, or put the extracted dataset "
+            "(cifar-10-batches-py/) under prepare_cifar.download_root") from err
     return (np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),
             np.asarray(ds.targets, dtype=np.int64))
 
 
 def load_cifar10(*, download_root: str | Path, local_copy: str | Path = "") -> dict[str, Any]:
-    """CIFAR-10 train and test sets from torchvision (``local_copy=""``) or a JPEG copy.
+    """CIFAR-10 train and test sets from a JPEG copy (``local_copy``, when that path exists) or
+    torchvision (``local_copy=""``, or as a fallback when the path does not exist; a note goes
+    to stderr).
 
     Returns:
         dict with ``train_images`` (50000, 3, 32, 32) uint8, ``train_labels`` (50000,) int64,
         ``test_images``, ``test_labels`` likewise (10,000), and ``source``: a label to carry
-        into results ("torchvision CIFAR-10" or "JPEG copy (<path>)").
+        into results (:data:`TORCHVISION_SOURCE` or "JPEG copy (<path>)").
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`read_jpeg_copy`. RuntimeError: torchvision
-        could not download (offline: set prepare_cifar.local_copy).
+        FileNotFoundError / ValueError: see :func:`read_jpeg_copy` (an existing but incomplete
+        copy). RuntimeError: torchvision could not download (offline: set
+        prepare_cifar.local_copy or fill prepare_cifar.download_root; the message names both).
     """
-    if local_copy:
+    if local_copy and Path(local_copy).exists():
         train = read_jpeg_copy(local_copy, "train")
         test = read_jpeg_copy(local_copy, "test")
         source = f"JPEG copy ({local_copy})"
     else:
-        train, test = _torchvision_split(download_root, True), _torchvision_split(download_root, False)
-        source = "torchvision CIFAR-10"
+        if local_copy:
+            print(f"prepare_cifar.local_copy {local_copy} does not exist: falling back to "
+                  f"torchvision's CIFAR-10 in prepare_cifar.download_root {download_root}",
+                  file=sys.stderr)
+        train = _torchvision_split(download_root, True, local_copy)
+        test = _torchvision_split(download_root, False, local_copy)
+        source = TORCHVISION_SOURCE
     return {"train_images": train[0], "train_labels": train[1], "test_images": test[0],
             "test_labels": test[1], "source": source}
 
@@ -148,8 +166,9 @@ def prepare_stage(*, dataset_path: str, download_root: str, local_copy: str, see
     evaluation images, and write one NPZ (images, labels, ``clean_idx``, ``poison_idx``,
     ``eval_idx`` into the test set, ``source``).
 
-    The evaluation images are the first ``n_eval`` test images (torchvision), or the first
-    ``n_eval`` of ``default_rng(seed).permutation`` of the class-sorted JPEG copy's test set.
+    The evaluation images are the first ``n_eval`` test images (torchvision, also as the
+    fallback for an absent ``local_copy``), or the first ``n_eval`` of
+    ``default_rng(seed).permutation`` of the class-sorted JPEG copy's test set.
 
     Returns:
         a summary dict (source, split sizes, label counts of the evaluation images).
@@ -164,7 +183,8 @@ def prepare_stage(*, dataset_path: str, download_root: str, local_copy: str, see
         raise ValueError(f"n_eval must be in [1, {n_test}], got {n_eval} "
                          "(params.yaml prepare_cifar.n_eval)")
     clean_idx, poison_idx = split_indices(len(data["train_labels"]), n_clean, seed)
-    if local_copy:  # class-sorted test set: a seeded permutation stands in for the original order
+    # the JPEG copy's test set is class-sorted: a seeded permutation stands in for the original order
+    if data["source"] != TORCHVISION_SOURCE:
         eval_idx = np.random.default_rng(seed).permutation(n_test)[:n_eval]
     else:
         eval_idx = np.arange(n_eval)

@@ -1,15 +1,16 @@
 """Local volume of the clean and poisoned ConvNeXt V2 Atto checkpoints (stages
-``estimate_figure5``, ``estimate_figure3``, ``estimate_figure7``; paper §4.2; REPLICATION.md
-§5.2, §7.3, §7.4, §7.5).
+``estimate_figure5``, ``estimate_figure3``, ``estimate_figure7``; paper §4.2;
+docs/experiments.md#convnext, docs/authors-code.md#numerical-hazards,
+docs/authors-code.md#script-slips, docs/authors-code.md#prior-dominated-interpretation).
 
 Cost: mean KL (nats) from the checkpoint over the first ``n_eval`` evaluation images
 (:class:`localvol.ExpectedKL`), in float32; for cutoffs below ``float64_below`` a float64 copy of
 the network evaluates it (float32 rounding leaves the KL a few 1e-8 nats of noise, it can even
 come out negative: too close to a cutoff of 1e-6). Never the paper's float16, and TF32 is off
-on CUDA (it would round weights and inputs to a 10-bit mantissa, the hazard of §7.3). Prior
-N(0, σ²I) with σ = RMS of the runs' shared initial parameters (step 0; σ a std). Series per
-run: naive, and Adam ν preconditioned, p ∝ 1/(ν^exponent + ε) (paper eq. 15-18; ν raw, without
-bias correction). Every estimate goes through :func:`replication.sweep.run_sweep`.
+on CUDA (it would round weights and inputs to a 10-bit mantissa, the hazard of
+docs/authors-code.md#numerical-hazards). Prior N(0, σ²I) with σ = RMS of the runs' shared
+initial parameters (step 0; σ a std). Series per run: naive, and Adam ν preconditioned,
+p ∝ 1/(ν^exponent + ε) (paper eq. 15-18; ν raw, without bias correction). Every estimate goes through :func:`replication.sweep.run_sweep`.
 
 Record keys (arrays ``{key}__samples`` ... in the stage's NPZ), ``tag`` = naive | adam:
 Figure 5 ``ckpt_{run}_{tag}_step{N}`` (every step after 0), Figure 3 ``hist_{run}_{tag}`` (final
@@ -20,8 +21,9 @@ injects them): ``dataset_path`` (prepare_cifar's NPZ), ``checkpoints_dir`` (trai
 ``estimates_path``, ``samples_path``, ``metrics_path`` (outputs), ``progress_dir`` (resumable
 progress files, deleted at the end); ``n_eval``, ``data_batch_size`` (images per forward pass),
 ``direction_batch_size`` (directions per cost call), ``vectorize``, ``rtol``, ``seed``,
-``exponent``, ``float64_below`` (nats): params.yaml ``convnext_estimate``; the figure's
-``cutoff`` / ``cutoffs`` (nats of mean KL), ``adam_eps`` and ``k`` (samples per estimate):
+``exponent``, ``float64_below`` (nats), ``device`` ("auto", "cuda" or "cpu";
+:func:`replication.pipeline.devices.resolve_device`): params.yaml ``convnext_estimate``; the
+figure's ``cutoff`` / ``cutoffs`` (nats of mean KL), ``adam_eps`` and ``k`` (samples per estimate):
 params.yaml ``estimate_figure{3,5,7}``. Each returns its estimates JSON: ``config`` (source,
 runs with their histories, steps, n_params, sigma, the settings) and ``estimates`` by key, and
 raises ValueError for bad settings (before reading anything, naming the params.yaml key), an
@@ -39,6 +41,7 @@ import localvol
 from replication.convnext.checkpoints import load_checkpoint, read_manifest, verify_weights
 from replication.convnext.data import load_prepared
 from replication.convnext.model import to_float
+from replication.pipeline.devices import resolve_device
 from replication.sweep import (Point, Unit, check_counts, check_cutoffs, run_sweep,
                                summary_metrics, write_sweep)
 
@@ -161,8 +164,9 @@ def _run_figure(figure: int, make_units: Callable[[list[str], list[int]], list[U
                 settings: dict, metrics: Callable[[dict, dict], dict] | None, dataset_path,
                 checkpoints_dir, estimates_path, samples_path, progress_dir, metrics_path,
                 n_eval, data_batch_size, direction_batch_size, vectorize, rtol, seed, exponent,
-                float64_below, progress) -> dict[str, Any]:
+                float64_below, progress, device: str = "auto") -> dict[str, Any]:
     """Load the data and manifest, run the figure's units through the sweep, write it."""
+    device = resolve_device(device, "convnext_estimate.device")  # before reading anything
     data = load_prepared(dataset_path)
     if n_eval > len(data["eval_idx"]):
         raise ValueError(f"convnext_estimate.n_eval {n_eval} > the {len(data['eval_idx'])} "
@@ -171,7 +175,6 @@ def _run_figure(figure: int, make_units: Callable[[list[str], list[int]], list[U
     manifest = read_manifest(checkpoints_dir)
     runs, steps = list(manifest["runs"]), manifest["steps"]
     sigma = initial_sigma(checkpoints_dir, runs[0])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def load(checkpoint):
         return load_point(checkpoint, checkpoints_dir=checkpoints_dir, manifest=manifest,

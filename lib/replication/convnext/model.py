@@ -1,4 +1,4 @@
-"""The network and what one training step draws (paper §4.2; REPLICATION.md §5.2).
+"""The network and what one training step draws (paper §4.2; docs/experiments.md#convnext).
 
 - Model: ``ConvNextV2ForImageClassification`` with :data:`ATTO_CONFIG` (3,388,810 parameters).
 - AdamW parameter groups as the Hugging Face Trainer the paper used (:func:`decay_groups`).
@@ -21,7 +21,7 @@ __all__ = ["ATTO_CONFIG", "ATTO_N_PARAMS", "SAMPLER", "AUGMENT", "quiet_transfor
            "make_model", "poison_loss", "step_seed", "sample_batch", "augment", "to_float",
            "evaluate", "decay_groups"]
 
-# REPLICATION.md §5.2: HF ConvNeXt V2 "Atto" with a 1x1 stem for 32x32 images.
+# docs/experiments.md#convnext: HF ConvNeXt V2 "Atto" with a 1x1 stem for 32x32 images.
 ATTO_CONFIG = dict(patch_size=1, image_size=32, hidden_sizes=[40, 80, 160, 320],
                    depths=[2, 2, 6, 2], drop_path_rate=0.1, num_labels=10)
 ATTO_N_PARAMS = 3_388_810
@@ -50,9 +50,9 @@ def make_model(seed: int, **overrides):
 def poison_loss(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor) -> torch.Tensor:
     """Batch mean of −log p_y (clean examples) and −log(1 − p_y) (poison examples), nats.
 
-    Huang et al. (2020) as in the paper's code (REPLICATION.md §5.2), without its +1e-10: both
-    terms are computed from log-softmax (log(1 − p_y) = logsumexp over the other classes − the
-    logsumexp over all), so they stay finite at p_y = 0 or 1.
+    Huang et al. (2020) as in the paper's code (docs/experiments.md#convnext), without its
+    +1e-10: both terms are computed from log-softmax (log(1 − p_y) = logsumexp over the other
+    classes − the logsumexp over all), so they stay finite at p_y = 0 or 1.
 
     Args:
         logits: (B, C) float. labels: (B,) int64. is_poison: (B,) bool.

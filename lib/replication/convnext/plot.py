@@ -1,6 +1,7 @@
 """Figures 3, 5 and 7 of the clean and poisoned ConvNeXt V2 Atto and the table of every
-aggregate (stage ``plot_convnext``, :func:`plot_stage`; paper §4.2; REPLICATION.md §5.2, §7.4,
-§7.5). Reads the three estimate stages' outputs (:mod:`replication.convnext.estimate`)."""
+aggregate (stage ``plot_convnext``, :func:`plot_stage`; paper §4.2; docs/experiments.md#convnext,
+docs/authors-code.md#script-slips, docs/authors-code.md#prior-dominated-interpretation). Reads
+the three estimate stages' outputs (:mod:`replication.convnext.estimate`)."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -60,8 +61,9 @@ def _training_curves(runs: dict, accuracy: plt.Axes, loss: plt.Axes) -> None:
 
 def figure5(summary: dict, *, width: float = 11.0, height: float = 8.0) -> plt.Figure:
     """Figure 5: aggregate log10 probability at every checkpoint (top left), its prior and
-    neighbourhood terms (top right, REPLICATION.md §7.5), and the training curves, accuracy and
-    loss on the fixed clean, poison and validation subsets (bottom). Steps on a log axis."""
+    neighbourhood terms (top right, docs/authors-code.md#prior-dominated-interpretation), and
+    the training curves, accuracy and loss on the fixed clean, poison and validation subsets
+    (bottom). Steps on a log axis."""
     df = table(summary)
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(2, 2, figsize=(width, height), layout="constrained", sharex=True)
@@ -112,7 +114,8 @@ def caption(fig3: dict, fig5: dict, fig7: dict) -> str:
         f"{', '.join(f'{e:g}' for e in eps)}, exponent {c['exponent']:g}. Figure 3: k = "
         f"{c['k']}; Figure 5: k = {fig5['config']['k']} per point; Figure 7: k = "
         f"{fig7['config']['k']} per point. "
-        "Plotted: aggregates logsumexp − log k (not the largest sample, REPLICATION.md §7.4)."
+        "Plotted: aggregates logsumexp − log k (not the largest sample, "
+        "docs/authors-code.md#script-slips)."
     )
 
 

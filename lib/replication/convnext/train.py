@@ -1,5 +1,5 @@
 """Training ConvNeXt V2 Atto on CIFAR-10, clean and poisoned (stage ``train_convnext``,
-:func:`train_stage`; paper §4.2, Figures 3, 5, 7; REPLICATION.md §5.2).
+:func:`train_stage`; paper §4.2, Figures 3, 5, 7; docs/experiments.md#convnext).
 
 One run per entry of ``runs`` (``clean``: poison probability 0; ``poisoned``: 0.4), each in its
 own folder (:mod:`.checkpoints`). Both runs start from the same seeded initialisation (step 0 is

@@ -1,6 +1,7 @@
 """The curvature behind Figure 1's preconditioners, computed once per stage: the Hessian of the
 held-out KL in float64 and its eigendecomposition, HesScale, the Adam moments
-(REPLICATION.md §4, §7.2). The kinds are listed in :mod:`replication.mlp.estimate`."""
+(docs/method.md#preconditioners, docs/authors-code.md#hessian-mis-application). The kinds are
+listed in :mod:`replication.mlp.estimate`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""UCI digits data and its seeded train / held-out split (Figure 1; REPLICATION.md §5.1).
+"""UCI digits data and its seeded train / held-out split (docs/experiments.md#figure-1).
 
 Data: scikit-learn's bundled copy of the UCI "Optical Recognition of Handwritten Digits" test
 set (Alpaydin & Kaynak 1998): 1,797 images of 8×8 pixels with integer values 0..16, stored as

@@ -1,5 +1,6 @@
 """Figure 1: local volume of the digits MLP under several preconditioners (paper §4.1;
-REPLICATION.md §4, §5.1, §7.2).
+docs/method.md#preconditioners, docs/experiments.md#figure-1,
+docs/authors-code.md#hessian-mis-application).
 
 :func:`figure1_stage` is the ``estimate_figure1`` stage as a plain function: it loads the trained
 MLP, builds the cost (mean KL from the anchor on the held-out images), computes each curvature
@@ -8,8 +9,8 @@ estimate per preconditioner through :func:`replication.sweep.run_sweep`, which w
 estimates JSON, the per-sample NPZ and the metrics; it also writes ``spectra_path`` (NPZ): the
 curvature vectors (Hessian eigenvalues and diagonal, HesScale, Adam moments), for inspection.
 
-Preconditioner kinds (the spectrum s of REPLICATION.md §4; p = 1/(|s|^exponent + eps),
-normalised to unit determinant):
+Preconditioner kinds (the spectrum s of docs/method.md#preconditioners;
+p = 1/(|s|^exponent + eps), normalised to unit determinant):
 
 =================  =====================================================================
 ``hessian_paper``  eigenvalues of H = ∇²KL at θ0, applied as the paper's code did,

@@ -1,4 +1,4 @@
-"""The paper's digits MLP: model, training, saving (Figure 1; REPLICATION.md §5.1).
+"""The paper's digits MLP: model, training, saving (docs/experiments.md#figure-1).
 
 Model: 64 → hidden → 10, GELU (tanh approximation, flax's default) between the two layers;
 weights and biases initialised N(0, 1/fan_in). With hidden = 64: D = 64·64 + 64 + 64·10 + 10
@@ -143,7 +143,7 @@ def train_mlp(train_images: np.ndarray, train_labels: np.ndarray, heldout_images
               heldout_labels: np.ndarray, *, hidden: int = 64, lr: float = 0.05, epochs: int = 25,
               batch_size: int = 64, l2: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999),
               adam_eps: float = 1e-8, seed: int = 0) -> TrainResult:
-    """Train the digits MLP as the paper's code did (REPLICATION.md §5.1).
+    """Train the digits MLP as the paper's code did (docs/experiments.md#figure-1).
 
     Images (n, 64) float32 in [0, 1], labels (n,) int64. There are ``ceil(n_train /
     batch_size)`` steps per epoch (the last batch may be smaller; 1024 / 64 = 16 exactly), each

@@ -48,7 +48,8 @@ def figure1_caption(summary: dict) -> str:
         f"the N(0, 1/fan_in) initialisation). Prior term log10 ρ(θ0)/ρ(0) = "
         f"{summary['log10_prior_at_anchor']:.2f} for every estimate. \"Hessian (paper's Vᵀ "
         f"only)\" applies the full-Hessian preconditioner as the paper's code did, "
-        f"diag(p) Vᵀ u; \"Hessian V diag(p) Vᵀ\" applies it correctly (REPLICATION.md §7.2)."
+        f"diag(p) Vᵀ u; \"Hessian V diag(p) Vᵀ\" applies it correctly "
+        f"(docs/authors-code.md#hessian-mis-application)."
     )
 
 

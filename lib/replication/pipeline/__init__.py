@@ -23,10 +23,11 @@ from replication.pipeline.parameters import (
     notebook_setup,
     repository_root,
     stage_parameters,
+    stage_paths,
 )
 from replication.pipeline.profiles import apply_profile
 
 __all__ = ["ParameterError", "check_parameters", "notebook_setup", "repository_root",
-           "stage_parameters", "NotebookPairError", "read_notebook", "declared_parameters",
+           "stage_parameters", "stage_paths", "NotebookPairError", "read_notebook", "declared_parameters",
            "run_notebook", "apply_profile", "atomic_path", "to_jsonable", "write_json_atomic",
            "read_json", "save_npz_atomic", "timings_path", "write_timings"]

@@ -2,6 +2,7 @@
 
     python -m replication.pipeline run STAGE NOTEBOOK EXECUTED [-p NAME VALUE ...]
     python -m replication.pipeline apply-profile profiles/tiny.yaml
+    python -m replication.pipeline preflight [--params params.yaml]
 
 ``run`` reads the keys listed under ``stages.STAGE.params`` in ``dvc.yaml`` from ``params.yaml``
 (so each key is listed once, in ``dvc.yaml``, and DVC tracks exactly what the notebook gets),
@@ -15,8 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from replication.pipeline.notebooks import run_notebook
-from replication.pipeline.parameters import stage_parameters
+from replication.pipeline.notebooks import NotebookPairError, declared_annotations, run_notebook
+from replication.pipeline.parameters import (
+    ParameterError,
+    check_values,
+    stage_parameter_keys,
+    stage_parameters,
+)
 from replication.pipeline.profiles import apply_profile
 
 
@@ -35,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     prof = sub.add_parser("apply-profile", help="overwrite params.yaml values with a profile's")
     prof.add_argument("profile", type=Path)
     prof.add_argument("--params", default="params.yaml")
+    pre = sub.add_parser("preflight", help="check the external inputs params.yaml needs "
+                         "(hub, data, GPU); exit 1 listing every problem")
+    pre.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
     if args.command == "run":
@@ -43,13 +52,31 @@ def main(argv: list[str] | None = None) -> None:
             if name in parameters:
                 raise SystemExit(f"-p {name}: already a params.yaml parameter of {args.stage}")
             parameters[name] = value
+        keys = stage_parameter_keys(args.stage, args.dvc_yaml, args.params)
         print(f"[{args.stage}] {args.notebook} -> {args.executed}", file=sys.stderr)
         for name, value in parameters.items():
-            print(f"[{args.stage}]   {name} = {value!r}", file=sys.stderr)
-        run_notebook(args.notebook, args.executed, parameters)
+            source = f"params.yaml {keys[name]}" if name in keys else "-p (dvc.yaml)"
+            print(f"[{args.stage}]   {name} = {value!r}  ({source})", file=sys.stderr)
+        try:
+            check_values(parameters, declared_annotations(args.notebook), keys)
+            run_notebook(args.notebook, args.executed, parameters)
+        except (ParameterError, NotebookPairError) as err:
+            raise SystemExit(f"[{args.stage}] {type(err).__name__}: {err}") from err
+        except Exception as err:
+            if type(err).__name__ != "PapermillExecutionError":
+                raise
+            print(f"[{args.stage}] failed in {args.notebook} (executed copy with the failing "
+                  f"cell: {args.executed}). A parameter named in the error is set in params.yaml "
+                  f"under: {', '.join(f'{n} = {k}' for n, k in keys.items()) or '(none)'}",
+                  file=sys.stderr)
+            raise SystemExit(f"[{args.stage}] {err.ename}: {err.evalue}") from err
     elif args.command == "apply-profile":
         for key in apply_profile(args.profile, args.params):
             print(f"set {key}")
+    elif args.command == "preflight":
+        from replication.pipeline.preflight import report
+
+        raise SystemExit(report(args.params))
 
 
 if __name__ == "__main__":

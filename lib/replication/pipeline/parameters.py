@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ParameterError", "check_parameters", "notebook_setup", "repository_root",
-           "stage_parameters", "stage_parameter_keys", "check_values", "load_yaml"]
+           "stage_parameters", "stage_parameter_keys", "stage_paths", "check_values", "load_yaml"]
 
 # The file that marks the repository root (the folder DVC runs the stages in).
 ROOT_MARKER = "dvc.yaml"
@@ -253,6 +253,24 @@ def stage_parameters(stage: str, dvc_yaml: str | Path = "dvc.yaml",
                 raise ValueError(f"stage {stage!r}: two parameters named {leaf!r}")
             out[leaf] = _get_path(params, key)
     return out
+
+
+def stage_paths(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> dict[str, str]:
+    """The ``-p NAME PATH`` pairs of ``stage``'s command in ``dvc.yaml``, with ``${paths.x}``
+    resolved from its ``vars``: the input and output paths the pipeline passes (tests use them
+    to run a notebook the way ``dvc repro`` does)."""
+    import re
+    import shlex
+
+    spec = load_yaml(dvc_yaml)
+    paths: dict[str, str] = {}
+    for entry in spec.get("vars", []):
+        if isinstance(entry, dict):
+            paths.update(entry.get("paths", {}))
+    cmd = re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)],
+                 spec["stages"][stage]["cmd"])
+    words = shlex.split(cmd)
+    return {words[i + 1]: words[i + 2] for i, w in enumerate(words) if w == "-p"}
 
 
 _ANNOTATION_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "list": list,

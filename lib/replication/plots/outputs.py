@@ -13,7 +13,7 @@ __all__ = ["TERMS_NOTE", "savefig", "write_figures", "write_table", "read_estima
 
 TERMS_NOTE = ("log10 values; `log10_prior_term` = −|θ0|²/(2σ² ln 10), the Gaussian density ratio "
               "ρ(θ0)/ρ(0) at the anchor; `log10_neighbourhood` = aggregate − prior term "
-              "(REPLICATION.md §7.5).")
+              "(docs/authors-code.md#prior-dominated-interpretation).")
 
 
 def savefig(fig: plt.Figure, path: str | Path, dpi: int) -> None:

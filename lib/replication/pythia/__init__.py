@@ -1,4 +1,5 @@
-"""Pythia across training (paper §4.3, Figures 2, 4, 6; REPLICATION.md §5.3, §7.4, §7.5).
+"""Pythia across training (paper §4.3, Figures 2, 4, 6; docs/experiments.md#pythia,
+docs/authors-code.md#script-slips, docs/authors-code.md#prior-dominated-interpretation).
 
 - :mod:`.data`: the tokenizer, the pydoc corpus, token streams, the evaluation text.
 - :mod:`.checkpoints`: the model's shape, the step list, the checkpoint folders, loading a step

@@ -1,4 +1,4 @@
-"""Pythia checkpoints on disk (REPLICATION.md §5.3): the model's shape, the step list, the
+"""Pythia checkpoints on disk (docs/experiments.md#pythia): the model's shape, the step list, the
 folder layout written by stage ``fetch_pythia`` (:mod:`.fetch`), loading a step, and checking
 that a loaded step holds the weights the fetch recorded.
 
@@ -37,7 +37,7 @@ PYTHIA_31M_CONFIG = dict(
 )
 PYTHIA_31M_N_PARAMS = 30_494_720
 
-# The paper's 34 checkpoints (REPLICATION.md §5.3).
+# The paper's 34 checkpoints (docs/experiments.md#pythia).
 PAPER_STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000, 10000, 16000,
                20000, 30000, 33000, 40000, 50000, 60000, 66000, 70000, 80000, 90000, 100000,
                110000, 120000, 130000, 131000, 140000, 143000]

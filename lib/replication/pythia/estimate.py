@@ -1,5 +1,6 @@
 """Stages ``estimate_figure4``, ``estimate_figure2`` and ``estimate_figure6`` (paper §4.3;
-REPLICATION.md §5.3, §7.4, §7.5): the units of each figure, run through
+docs/experiments.md#pythia, docs/authors-code.md#script-slips,
+docs/authors-code.md#prior-dominated-interpretation): the units of each figure, run through
 :func:`replication.sweep.run_sweep` on the checkpoints' :class:`~replication.sweep.Point` s
 (:mod:`.points`) and written by :func:`replication.sweep.write_sweep`.
 
@@ -14,7 +15,7 @@ REPLICATION.md §5.3, §7.4, §7.5): the units of each figure, run through
   and ``cutoff_adam{j}_{i}`` for cutoff i and the j-th Adam ε.
 
 Aggregates (logsumexp − log k) are stored and plotted, never the largest sample, each with its
-prior term −|θ0|²/(2σ²) and neighbourhood term (§7.5).
+prior term −|θ0|²/(2σ²) and neighbourhood term (docs/method.md#prior-and-neighbourhood-terms).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Adam's second moment ν at a Pythia checkpoint, the spectrum of the Adam preconditioner
-(paper eq. 15-18; REPLICATION.md §5.3). The public checkpoints carry none, so ν comes from:
+(paper eq. 15-18; docs/experiments.md#pythia). The public checkpoints carry none, so ν
+comes from:
 
 - ``optimizer_state``: our own ``optimizer.pt`` (:func:`localvol.adam_moment`), or raw
   GPT-NeoX/DeepSpeed files (:func:`read_deepspeed_moments` + :func:`map_flat_groups`: flat fp32
@@ -30,7 +31,7 @@ __all__ = ["read_deepspeed_moments", "map_flat_groups", "squared_gradient_moment
 def read_deepspeed_moments(path: str | os.PathLike, key: str = "exp_avg_sq"):
     """(flat fp32 weight groups, flat moment groups), lists of 1-D float32 tensors, of a
     GPT-NeoX/DeepSpeed ``mp_rank_00_model_states.pt``: ``optimizer.fp32_groups_flat`` and
-    ``optimizer.optimizer_state_dict.state[g][key]`` (REPLICATION.md §5.3)."""
+    ``optimizer.optimizer_state_dict.state[g][key]`` (docs/experiments.md#pythia)."""
     sd = torch.load(path, map_location="cpu", weights_only=False)
     opt = sd["optimizer"]
     flat = [t.float().reshape(-1) for t in opt["fp32_groups_flat"]]

@@ -1,6 +1,8 @@
 """Stage ``plot_pythia`` (:func:`plot_stage`): the paper's Figures 2, 4 and 6 for Pythia
-(REPLICATION.md §5.3, §7.4, §7.5) from the three estimate stages' results, and the table of all
-their aggregates (CSV, and Markdown with the caption and the squared-gradient comparison)."""
+(docs/experiments.md#pythia, docs/authors-code.md#script-slips,
+docs/authors-code.md#prior-dominated-interpretation) from the three estimate stages' results, and
+the table of all their aggregates (CSV, and Markdown with the caption and the squared-gradient
+comparison)."""
 from __future__ import annotations
 
 from typing import Any
@@ -41,7 +43,8 @@ def figure2(summary: dict, samples: dict[str, np.ndarray], *, bins: int = 10, wi
 
 def figure4(summary: dict, *, width: float = 11.0, height: float = 4.0) -> plt.Figure:
     """Figure 4: aggregate log10 probability at every checkpoint (left) and its split into the
-    prior term −|θ0|²/(2σ² ln 10) and the neighbourhood term (right; REPLICATION.md §7.5).
+    prior term −|θ0|²/(2σ² ln 10) and the neighbourhood term (right;
+    docs/authors-code.md#prior-dominated-interpretation).
     Steps on a log axis (step 0 drawn at 0.5)."""
     df = table(summary)
     df["x"] = df["step"].where(df["step"] > 0, 0.5)
@@ -85,7 +88,7 @@ def caption(figure2_summary: dict, figure4_summary: dict, figure6_summary: dict)
         f"cutoff {c2['cutoff']:g} nats, ε = {c2['adam_eps']:g}, k = {c2['k']}; Figure 4: cutoff "
         f"{c['cutoff']:g} nats, ε = {c['adam_eps']:g}, k = {c['k']} per point; Figure 6: ε = "
         f"{eps6}, k = {c6['k']} per point. Plotted: aggregates logsumexp − log k (not the "
-        f"largest sample, REPLICATION.md §7.4)."
+        f"largest sample, docs/authors-code.md#script-slips)."
     )
 
 

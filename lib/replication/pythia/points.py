@@ -1,11 +1,12 @@
 """What the Pythia estimate stages share (params.yaml section ``pythia_estimate``): the cost,
-anchor and Adam ν of a checkpoint as a :class:`replication.sweep.Point` (REPLICATION.md §5.3,
-§7.4, §7.5).
+anchor and Adam ν of a checkpoint as a :class:`replication.sweep.Point`
+(docs/experiments.md#pythia, docs/authors-code.md#script-slips,
+docs/authors-code.md#prior-dominated-interpretation).
 
 Cost: mean KL from the checkpoint over the REAL tokens of the evaluation text (padding
-masked; the count is reported, REPLICATION.md §7.4), float32, on the GPU when there is one.
-Prior: Gaussian N(0, σ²I) with σ = RMS of the step-0 parameters (computed; the paper's 0.03998
-for Pythia-31M). Preconditioners: ``"adam"`` (ν from ``adam_source``) and, where asked,
+masked; the count is reported, docs/authors-code.md#script-slips), float32, on the GPU when
+there is one. Prior: Gaussian N(0, σ²I) with σ = RMS of the step-0 parameters (computed; the
+paper's 0.03998 for Pythia-31M). Preconditioners: ``"adam"`` (ν from ``adam_source``) and, where asked,
 ``"sqgrad"`` (the squared-gradient EMA, to compare with the true ν), each p ∝ 1/(ν^exponent + ε)
 (paper eq. 15-18). Every loaded checkpoint is checked against the parameter hash the fetch
 stage recorded.
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 import localvol
+from replication.pipeline.devices import resolve_device
 from replication.pythia.checkpoints import (check_manifest_hashes, check_steps, flat_parameters,
                                             load_checkpoint, read_manifest, verified_hash)
 from replication.pythia.data import eval_texts, load_tokenizer, tokenize_eval, training_like_stream
@@ -44,7 +46,9 @@ class EstimateSettings:
     the estimator's. exponent: of the Adam preconditioner. adam_source: one of
     :data:`ADAM_SOURCES`. raw_checkpoint_dir: GPT-NeoX/DeepSpeed ``global_step{N}/`` folders or
     "". sqgrad_*: the squared-gradient EMA (batches, sequences per batch, tokens, β2).
-    progress: print progress. Raises ValueError naming the ``pythia_estimate`` key of a bad value.
+    device: "auto", "cuda" or "cpu" (:func:`replication.pipeline.devices.resolve_device`;
+    the resolved device is what the JSON records). progress: print progress. Raises ValueError
+    naming the ``pythia_estimate`` key of a bad value.
     """
 
     checkpoints_dir: str
@@ -66,6 +70,7 @@ class EstimateSettings:
     sqgrad_batch_size: int
     sqgrad_seq_len: int
     sqgrad_beta2: float
+    device: str = "auto"
     progress: bool = True
 
     def __post_init__(self):
@@ -80,8 +85,10 @@ class EstimateSettings:
                              f"{self.sqgrad_beta2}")
 
     def config(self) -> dict[str, Any]:
-        """The settings that shape the numbers (no paths, no progress flag), for the JSON."""
-        return {k: v for k, v in asdict(self).items() if k not in PATHS and k != "progress"}
+        """The settings that shape the numbers (no paths, no progress flag), for the JSON; the
+        device is recorded resolved, by :meth:`Setup.config`."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in PATHS and k not in ("progress", "device")}
 
 
 def adam_label(adam_source: str) -> str:
@@ -147,8 +154,11 @@ class Setup:
 def prepare(settings: EstimateSettings) -> Setup:
     """Read the manifest (steps, recorded hashes, duplicate steps), tokenise the evaluation
     text, and compute σ = RMS of the step-0 parameters (float64). Raises ValueError as
-    :func:`.checkpoints.check_steps`, :func:`.checkpoints.check_manifest_hashes`,
-    :func:`.checkpoints.verified_hash` and :func:`.data.eval_texts`."""
+    :func:`replication.pipeline.devices.resolve_device` (first, naming
+    ``pythia_estimate.device``), :func:`.checkpoints.check_steps`,
+    :func:`.checkpoints.check_manifest_hashes`, :func:`.checkpoints.verified_hash` and
+    :func:`.data.eval_texts`."""
+    device = resolve_device(settings.device, "pythia_estimate.device")
     manifest = read_manifest(settings.checkpoints_dir)
     steps = check_steps(manifest["steps"])
     check_manifest_hashes(manifest, steps)
@@ -158,7 +168,6 @@ def prepare(settings: EstimateSettings) -> Setup:
     model0, _ = load_checkpoint(settings.checkpoints_dir, 0)
     verified_hash(model0, 0, manifest)
     sigma = float(flat_parameters(model0).double().pow(2).mean().sqrt())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Setup(settings, manifest, steps, tokenizer, ev, sigma, localvol.GaussianPrior(sigma),
                  device)
 

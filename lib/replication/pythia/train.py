@@ -1,4 +1,4 @@
-"""The local source of Pythia checkpoints (REPLICATION.md §5.3): a scaled-down GPT-NeoX with
+"""The local source of Pythia checkpoints (docs/experiments.md#pythia): a scaled-down GPT-NeoX with
 Pythia's architecture choices (rotary on 25 % of each head, parallel residual, untied
 embeddings, vocabulary 50,304) trained with AdamW as Pythia (β 0.9/0.95, ε 1e-8, weight decay
 on matrices only, gradient clip 1.0, linear warmup then cosine to 10 %) on the standard

@@ -127,3 +127,59 @@ def test_torchvision_source_is_used_without_a_local_copy(tmp_path, monkeypatch):
     assert d["source"] == "torchvision CIFAR-10"
     assert d["train_images"].shape == (6, 3, 32, 32)
     np.testing.assert_array_equal(d["train_images"][1, :, 2, 5], FakeCIFAR10(0, True, 0).data[1, 2, 5])
+
+
+def fake_torchvision(monkeypatch, fail=False):
+    """Replace torchvision.datasets.CIFAR10 (no internet here); returns its calls."""
+    import torchvision.datasets
+
+    calls = []
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            if fail:
+                raise RuntimeError("Name or service not known (test)")
+            n = 6 if train else 4
+            self.data = np.full((n, 32, 32, 3), 7, dtype=np.uint8)
+            self.targets = [i % 10 for i in range(n)]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    return calls
+
+
+def test_absent_local_copy_falls_back_to_torchvision_and_records_it(tmp_path, monkeypatch, capsys):
+    calls = fake_torchvision(monkeypatch)
+    out = tmp_path / "dataset.npz"
+    summary = cifar.prepare_stage(dataset_path=str(out), download_root=str(tmp_path / "dl"),
+                                  local_copy=str(tmp_path / "no-such-copy"), seed=42, n_clean=4,
+                                  n_eval=3)
+    assert calls == [(str(tmp_path / "dl"), True, True), (str(tmp_path / "dl"), False, True)]
+    assert summary["source"] == cifar.TORCHVISION_SOURCE == cifar.load_prepared(out)["source"]
+    # the real test set keeps its order: the first n_eval images, as with local_copy ""
+    np.testing.assert_array_equal(cifar.load_prepared(out)["eval_idx"], [0, 1, 2])
+    assert "prepare_cifar.local_copy" in capsys.readouterr().err  # the fallback is announced
+
+
+def test_present_local_copy_never_calls_torchvision(tmp_path, monkeypatch):
+    calls = fake_torchvision(monkeypatch)
+    write_jpeg_tree(tmp_path, "train", per_class=1)
+    write_jpeg_tree(tmp_path, "test", per_class=1)
+    d = cifar.load_cifar10(download_root=tmp_path / "dl", local_copy=tmp_path)
+    assert calls == [] and d["source"] == f"JPEG copy ({tmp_path})"
+
+
+def test_absent_local_copy_and_no_download_is_one_error_naming_both_keys(tmp_path, monkeypatch):
+    fake_torchvision(monkeypatch, fail=True)
+    with pytest.raises(RuntimeError, match=r"prepare_cifar\.local_copy .*no-such-copy does not "
+                       r"exist.*prepare_cifar\.download_root") as info:
+        cifar.load_cifar10(download_root=tmp_path / "dl", local_copy=tmp_path / "no-such-copy")
+    assert "Name or service not known" in str(info.value.__cause__)
+
+
+def test_incomplete_local_copy_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    calls = fake_torchvision(monkeypatch)
+    write_jpeg_tree(tmp_path, "train", per_class=1)  # no test split
+    with pytest.raises(FileNotFoundError, match="prepare_cifar.local_copy"):
+        cifar.load_cifar10(download_root=tmp_path / "dl", local_copy=tmp_path)
+    assert calls == []

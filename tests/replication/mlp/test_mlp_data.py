@@ -1,4 +1,4 @@
-"""Digits data and split (replication.mlp.data; REPLICATION.md §5.1)."""
+"""Digits data and split (replication.mlp.data; docs/experiments.md#figure-1)."""
 
 import hashlib
 

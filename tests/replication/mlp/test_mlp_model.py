@@ -1,4 +1,5 @@
-"""The digits MLP, its training and saving (replication.mlp.model; REPLICATION.md §5.1)."""
+"""The digits MLP, its training and saving (replication.mlp.model;
+docs/experiments.md#figure-1)."""
 
 import json
 import math

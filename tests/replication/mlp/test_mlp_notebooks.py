@@ -3,6 +3,7 @@ executed through papermill with tiny parameters, in order, in a temporary direct
 default (dvc.yaml) paths."""
 
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from replication.mlp import data
-from replication.pipeline import run_notebook
+from replication.pipeline import run_notebook, stage_paths
 
 REPO = Path(__file__).resolve().parents[3]
 NOTEBOOKS = REPO / "notebooks"
@@ -43,9 +44,10 @@ def workdir(tmp_path_factory):
 @pytest.mark.slow
 def test_mlp_notebooks_run_in_order_with_tiny_parameters(workdir, monkeypatch):
     monkeypatch.chdir(workdir)  # the notebooks' default paths are relative to the repo root
+    shutil.copy(REPO / "dvc.yaml", workdir / "dvc.yaml")  # the repository root marker
     for stage, params in TINY.items():
-        run_notebook(NOTEBOOKS / f"{stage}.ipynb", workdir / "executed" / f"{stage}.ipynb",
-                     params, stream=False)
+        run_notebook(NOTEBOOKS / f"{stage}.py", workdir / "executed" / f"{stage}.ipynb",
+                     {**stage_paths(stage, REPO / "dvc.yaml"), **params}, stream=False)
 
     train, held = data.load_split("results/mlp/split.npz")
     assert (len(train), len(held)) == (1024, 773)

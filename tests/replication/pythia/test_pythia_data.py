@@ -1,5 +1,6 @@
 """Pythia text (replication.pythia.data): the tokenizer, real-token counting and the KL over
-real tokens only (REPLICATION.md §7.4), the pydoc split, and the evaluation documents."""
+real tokens only (docs/authors-code.md#script-slips), the pydoc split, and the evaluation
+documents."""
 import json
 from pathlib import Path
 

@@ -3,6 +3,7 @@ papermill on tiny settings, in order, with the checks of their numbers: σ is th
 the prior term at step 0 is exactly −N/2 nats, Adam = naive at step 0 (ν = 0), every aggregate
 is its prior plus neighbourhood terms, and no resume state is left behind."""
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from replication.pipeline import run_notebook
+from replication.pipeline import run_notebook, stage_paths
 from replication.pythia import checkpoints
 
 REPO = Path(__file__).resolve().parents[3]
@@ -37,9 +38,10 @@ def _read(path):
 @pytest.mark.slow
 def test_pythia_stage_notebooks_run_in_order_with_tiny_parameters(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")  # the repository root marker
     for stage, params in TINY.items():
-        run_notebook(REPO / "notebooks" / f"{stage}.ipynb", tmp_path / "executed" / f"{stage}.ipynb",
-                     params, stream=False)
+        run_notebook(REPO / "notebooks" / f"{stage}.py", tmp_path / "executed" / f"{stage}.ipynb",
+                     {**stage_paths(stage, REPO / "dvc.yaml"), **params}, stream=False)
     ck = Path("results/pythia/checkpoints")
     for s in (0, 2):
         assert (ck / f"step{s}" / "model.safetensors").exists()
