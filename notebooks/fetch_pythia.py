@@ -13,6 +13,7 @@
 #   results/scratch/fetch_pythia/
 # never over the pipeline's (point an output path elsewhere to change that).
 checkpoints_dir: str = "results/scratch/fetch_pythia/checkpoints"  # output: step{N}/, tokenizer/, manifest.json
+history_path: str = "results/scratch/fetch_pythia/train_history.csv"  # output: training curve (DVC plots)
 source: str = "local"  # "local" (train here) or "hub" (from_pretrained at revision step{N})
 steps: list[int] = [0, 1, 2, 4, 8, 16, 32, 64, 128]  # checkpoint steps; first 0, last the final one
 tokenizer_path: str = "../shared/data/pythia-tokenizer/20B_tokenizer.json"  # GPT-NeoX-20B tokenizer

@@ -12,6 +12,7 @@
 dataset_path: str = "results/cifar/dataset.npz"  # from prepare_cifar
 checkpoints_dir: str = "results/scratch/train_convnext/checkpoints"  # output: <run>/step{N}/, manifest.json
 metrics_path: str = "results/scratch/train_convnext/train_metrics.json"  # output: final accuracies and losses
+history_path: str = "results/scratch/train_convnext/train_history.csv"  # output: curves per run (DVC plots)
 runs: dict = {"clean": {"poison_probability": 0.0}, "poisoned": {"poison_probability": 0.4}}  # run name: settings
 max_steps: int = 128  # optimizer steps (paper profile: 65,536)
 batch_size: int = 32  # images per step (paper profile: 128)

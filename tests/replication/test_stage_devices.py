@@ -17,7 +17,7 @@ def no_gpu(monkeypatch):
 
 def test_train_convnext_device(tmp_path, no_gpu):
     kw = dict(dataset_path=str(tmp_path / "missing.npz"), checkpoints_dir=str(tmp_path / "c"),
-              metrics_path=str(tmp_path / "m.json"), runs={"clean": {"poison_probability": 0.0}},
+              metrics_path=str(tmp_path / "m.json"), history_path=str(tmp_path / "h.csv"), runs={"clean": {"poison_probability": 0.0}},
               max_steps=2, batch_size=2, lr=1e-3, betas=[0.9, 0.95], adam_eps=1e-8,
               weight_decay=0.05, warmup=1, max_grad_norm=1.0, seed=0, n_curve=2, progress=False)
     with pytest.raises(ValueError, match=r"train_convnext\.device is 'cuda' but PyTorch sees no"):

@@ -28,7 +28,7 @@ from replication.convnext.checkpoints import (MANIFEST, load_checkpoint, log_spa
 from replication.convnext.data import load_prepared
 from replication.convnext.model import (AUGMENT, augment, decay_groups, evaluate, make_model,
                                         poison_loss, quiet_transformers, sample_batch, step_seed)
-from replication.pipeline import write_json_atomic, write_timings
+from replication.pipeline import write_csv_atomic, write_json_atomic, write_timings
 from replication.pipeline.devices import resolve_device
 from replication.sweep import check_distinct_steps, parameter_sha256
 
@@ -253,14 +253,32 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
                  max_grad_norm=max_grad_norm, progress=progress)
 
 
-def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, runs: dict,
+CURVE_METRICS = ("train_loss", "clean_accuracy", "clean_loss", "poison_accuracy", "poison_loss",
+                 "val_accuracy", "val_loss")
+
+
+def history_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training curves of every run as one row per checkpoint step, columns
+    ``step`` then ``<run>_<metric>`` for each metric of :data:`CURVE_METRICS` (the CSV that
+    ``dvc plots`` draws; a metric a step lacks, such as step 0's train loss, is left empty)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for name, run in manifest["runs"].items():
+        for h in run["history"]:
+            row = rows.setdefault(h["step"], {"step": h["step"]})
+            row.update({f"{name}_{m}": h.get(m) for m in CURVE_METRICS})
+    return [rows[s] for s in sorted(rows)]
+
+
+def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, history_path: str,
+                runs: dict,
                 max_steps: int, batch_size: int, lr: float, betas: list[float], adam_eps: float,
                 weight_decay: float, warmup: int, max_grad_norm: float, seed: int, n_curve: int,
                 model_overrides: dict | None = None, device: str = "auto",
                 progress: bool = True) -> dict[str, Any]:
     """Run the ``train_convnext`` stage: :func:`train_run` for each ``runs`` entry
-    (``{name: {"poison_probability": p}}``), then write the manifest and the metrics JSON
-    (final accuracies and losses per run, the data source). Returns the manifest. ``device``:
+    (``{name: {"poison_probability": p}}``), then write the manifest, the metrics JSON (final
+    accuracies and losses per run, the data source) and the curves CSV (``history_path``,
+    :func:`history_rows`). Returns the manifest. ``device``:
     ``train_convnext.device`` (:func:`replication.pipeline.devices.resolve_device`).
 
     Raises:
@@ -302,5 +320,6 @@ def train_stage(*, dataset_path: str, checkpoints_dir: str, metrics_path: str, r
                for name, r in manifest["runs"].items()}
     metrics["data_source"] = data["source"]
     write_json_atomic(metrics_path, metrics)
+    write_csv_atomic(history_path, history_rows(manifest))
     write_timings(metrics_path, timings)
     return manifest

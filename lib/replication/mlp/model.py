@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from replication.mlp.data import N_CLASSES, N_PIXELS, load_split_data
-from replication.pipeline.files import atomic_path, write_json_atomic, write_timings
+from replication.pipeline.files import atomic_path, write_csv_atomic, write_json_atomic, write_timings
 from replication.sweep import check_counts
 
 __all__ = [
@@ -239,6 +238,5 @@ def train_stage(*, data_dir: str, split_path: str, model_dir: str, metrics_path:
     save_trained(model_dir, result)
     write_json_atomic(metrics_path, result.metrics)
     write_timings(metrics_path, {"wall_time_s": result.wall_time_s})
-    with atomic_path(history_path) as tmp:
-        pd.DataFrame(result.history).to_csv(tmp, index=False, float_format="%.8g")
+    write_csv_atomic(history_path, result.history)
     return result

@@ -6,6 +6,7 @@ from replication.pipeline.files import (
     atomic_path,
     read_json,
     save_npz_atomic,
+    write_csv_atomic,
     timings_path,
     to_jsonable,
     write_json_atomic,
@@ -30,4 +31,4 @@ from replication.pipeline.profiles import apply_profile
 __all__ = ["ParameterError", "check_parameters", "notebook_setup", "repository_root",
            "stage_parameters", "stage_paths", "NotebookPairError", "read_notebook", "declared_parameters",
            "run_notebook", "apply_profile", "atomic_path", "to_jsonable", "write_json_atomic",
-           "read_json", "save_npz_atomic", "timings_path", "write_timings"]
+           "read_json", "save_npz_atomic", "write_csv_atomic", "timings_path", "write_timings"]

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 __all__ = ["atomic_path", "to_jsonable", "write_json_atomic", "read_json", "save_npz_atomic",
-           "timings_path", "write_timings"]
+           "write_csv_atomic", "timings_path", "write_timings"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -81,6 +81,16 @@ def save_npz_atomic(path: str | Path, **arrays: Any) -> Path:
         np.savez(f, **arrays)
     return Path(path)
 
+
+def write_csv_atomic(path: str | Path, rows: list[dict[str, Any]],
+                     columns: list[str] | None = None) -> Path:
+    """Write ``rows`` (one dict per row; ``columns`` fixes their order, missing values are
+    left empty) as a CSV with a header, floats at 8 significant digits, atomically."""
+    import pandas as pd
+
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False, float_format="%.8g")
+    return Path(path)
 
 
 def read_json(path: str | Path) -> Any:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from replication.pipeline.files import write_json_atomic, write_timings
+from replication.pipeline.files import write_csv_atomic, write_json_atomic, write_timings
 from replication.pythia.checkpoints import DUPLICATES_KEY, MANIFEST, check_steps, step_dir
 from replication.pythia.data import tokenizer_with_fallback
 from replication.pythia.train import train_local
@@ -104,7 +104,7 @@ def check_fetch_settings(*, source: str, hidden: int, layers: int, heads: int, i
         raise ValueError(f"fetch_pythia.betas must be two numbers in [0, 1), got {betas}")
 
 
-def fetch_stage(*, checkpoints_dir: str, source: str, steps: list[int], tokenizer_path: str,
+def fetch_stage(*, checkpoints_dir: str, history_path: str, source: str, steps: list[int], tokenizer_path: str,
                 repo_id: str, hidden: int, layers: int, heads: int, intermediate: int,
                 seq_len: int, batch_size: int, lr: float, warmup: int, weight_decay: float,
                 betas: list[float], adam_eps: float, grad_clip: float, n_heldout: int,
@@ -116,6 +116,9 @@ def fetch_stage(*, checkpoints_dir: str, source: str, steps: list[int], tokenize
 
     The tokenizer is ``tokenizer_path``'s, or when that is absent the tokenizer files of
     ``repo_id`` (:func:`.data.tokenizer_with_fallback`); the manifest's ``tokenizer`` says which.
+
+    ``history_path``: a CSV of the training curve (step, train_loss, heldout_loss; the local
+    source's losses, empty for hub checkpoints), what ``dvc plots`` draws.
 
     Returns the manifest. Raises ValueError for bad settings (:func:`check_fetch_settings`,
     :func:`.checkpoints.check_steps`) and for two steps with identical weights not listed in
@@ -155,5 +158,8 @@ def fetch_stage(*, checkpoints_dir: str, source: str, steps: list[int], tokenize
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    history = {h["step"]: h for h in manifest.get("history", [])}
+    write_csv_atomic(history_path, [{"step": s, **history.get(s, {})} for s in steps],
+                     columns=["step", "train_loss", "heldout_loss"])
     write_timings(out, {**timings, "wall_time_s": time.perf_counter() - t0})
     return manifest

@@ -33,6 +33,7 @@ def tiny_checkpoints(tmp_path_factory):
                     source=np.array(data["source"]))
     train_stage(dataset_path=str(root / "dataset.npz"), checkpoints_dir=str(root / "ckpt"),
                 metrics_path=str(root / "train_metrics.json"),
+                history_path=str(root / "train_history.csv"),
                 runs={"clean": {"poison_probability": 0.0}, "poisoned": {"poison_probability": 0.4}},
                 max_steps=2, batch_size=4, lr=1e-3, betas=[0.9, 0.95], adam_eps=1e-8,
                 weight_decay=0.05, warmup=1, max_grad_norm=1.0, seed=0, n_curve=6,

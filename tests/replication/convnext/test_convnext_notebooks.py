@@ -101,6 +101,13 @@ def test_stage_notebooks_run_on_a_tiny_network(tmp_path, monkeypatch, tiny_net):
         for tag in ("naive", "adam"):
             assert {f"ckpt_{run}_{tag}_step1", f"ckpt_{run}_{tag}_step2", f"hist_{run}_{tag}",
                     f"cutoff_{run}_{tag}_0", f"cutoff_{run}_{tag}_1"} <= keys
+    # the training curves for `dvc plots`: one row per checkpoint, <run>_<metric> columns
+    curves = np.genfromtxt("results/convnext/train_history.csv", delimiter=",", names=True)
+    manifest = json.loads(Path("results/convnext/checkpoints/manifest.json").read_text())
+    assert list(curves["step"]) == manifest["steps"] == [0, 1, 2]
+    for run in ("clean", "poisoned"):
+        np.testing.assert_allclose(curves[f"{run}_val_accuracy"],
+                                   [h["val_accuracy"] for h in manifest["runs"][run]["history"]])
     model0, _ = load_checkpoint("results/convnext/checkpoints", "clean", 0)
     theta0 = np.concatenate([p.detach().double().numpy().ravel() for p in model0.parameters()])
     for summary in summaries.values():

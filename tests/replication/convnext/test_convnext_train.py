@@ -121,7 +121,7 @@ def test_manifest_hashes_the_weights_and_allows_the_lr0_first_update(tiny_checkp
 def test_train_stage_refuses_bad_runs(tmp_path):
     with pytest.raises(ValueError, match="runs is empty.*train_convnext.runs"):
         train.train_stage(dataset_path="missing.npz", checkpoints_dir=str(tmp_path),
-                          metrics_path="m.json", runs={}, max_steps=2, batch_size=4, lr=1e-3,
+                          metrics_path="m.json", history_path="h.csv", runs={}, max_steps=2, batch_size=4, lr=1e-3,
                           betas=[0.9, 0.95], adam_eps=1e-8, weight_decay=0.05, warmup=1,
                           max_grad_norm=1.0, seed=0, n_curve=6)
     np.testing.assert_equal(list(tmp_path.iterdir()), [])

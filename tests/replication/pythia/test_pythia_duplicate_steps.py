@@ -40,7 +40,7 @@ def test_fetch_refuses_a_step_holding_another_steps_weights(tmp_path, tiny_model
     kw = dict(source="hub", steps=[0, 1, 2], tokenizer_path=str(TOKENIZER), repo_id=str(hub),
               hidden=8, layers=1, heads=2, intermediate=16, seq_len=16, batch_size=2, lr=1e-3,
               warmup=1, weight_decay=0.1, betas=[0.9, 0.95], adam_eps=1e-8, grad_clip=1.0,
-              n_heldout=2, seed=0, progress=False)
+              n_heldout=2, seed=0, progress=False, history_path=str(tmp_path / "history.csv"))
     out = tmp_path / "checkpoints"
     with pytest.raises(ValueError, match="step 0 and step 2 have identical weights"):
         fetch.fetch_stage(checkpoints_dir=str(out), **kw)

@@ -59,7 +59,7 @@ def fetch_kwargs(hub, tokenizer_path):
     return dict(source="hub", steps=[0, 1], tokenizer_path=str(tokenizer_path), repo_id=str(hub),
                 hidden=8, layers=1, heads=2, intermediate=16, seq_len=16, batch_size=2, lr=1e-3,
                 warmup=1, weight_decay=0.1, betas=[0.9, 0.95], adam_eps=1e-8, grad_clip=1.0,
-                n_heldout=2, seed=0, progress=False)
+                n_heldout=2, seed=0, progress=False, history_path=str(Path(hub).parent / "history.csv"))
 
 
 @needs_tokenizer

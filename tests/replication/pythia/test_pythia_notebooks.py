@@ -47,6 +47,11 @@ def test_pythia_stage_notebooks_run_in_order_with_tiny_parameters(tmp_path, monk
         assert (ck / f"step{s}" / "model.safetensors").exists()
         assert (ck / f"step{s}" / "optimizer.pt").exists()
     assert set(checkpoints.read_manifest(ck)["parameter_sha256"]) == {"0", "2"}
+    # the training curve for `dvc plots`: one row per saved step, the manifest's losses
+    curve = np.genfromtxt("results/pythia/train_history.csv", delimiter=",", names=True)
+    history = checkpoints.read_manifest(ck)["history"]
+    assert list(curve["step"]) == [0, 2] and curve.dtype.names == ("step", "train_loss", "heldout_loss")
+    np.testing.assert_allclose(curve["heldout_loss"], [h["heldout_loss"] for h in history], rtol=1e-7)
     model0, _ = checkpoints.load_checkpoint(ck, 0)
     n_params = sum(p.numel() for p in model0.parameters())
     theta0 = torch.nn.utils.parameters_to_vector(model0.parameters()).double()
