@@ -38,6 +38,23 @@ def repo_files() -> list[Path]:
     return [f for f in files if (REPO / f).is_file()]
 
 
+def fresh_copy(tmp_path: Path) -> Path:
+    """``tmp_path/repo``: the files a clone would have (:func:`repo_files`), without dvc.lock,
+    results/ or data/, as after a fresh clone."""
+    work = tmp_path / "repo"
+    for rel in repo_files():
+        target = work / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    for stale in ("dvc.lock", "results", "data"):
+        path = work / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return work
+
+
 def run(cmd: list[str], cwd: Path) -> str:
     # the copy's own lib/ first, so that an edit to the copy's code is the code that runs
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -116,17 +133,7 @@ def test_dvc_yaml_structure():
 
 @pytest.mark.slow
 def test_dvc_repro_of_the_whole_pipeline_on_tiny_parameters(tmp_path):
-    work = tmp_path / "repo"
-    for rel in repo_files():
-        target = work / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target)
-    for stale in ("dvc.lock", "results", "data"):
-        path = work / stale
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    work = fresh_copy(tmp_path)
     shared = REPO.parent / "shared"  # ../shared/data/ (tokenizer, CIFAR-10 JPEGs) beside the clone
     if shared.exists():
         (tmp_path / "shared").symlink_to(shared)

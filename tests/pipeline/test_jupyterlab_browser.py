@@ -16,7 +16,6 @@ the default interval.
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from jupyterlab_driver import JupyterLab, LabBrowser, file_digests, missing_browser
-from test_dvc_repro import BIN, REPO, repo_files, run
+from test_dvc_repro import BIN, REPO, fresh_copy, run
 
 REASON = missing_browser()
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
@@ -38,17 +37,7 @@ EDIT = "# edited in JupyterLab"
 
 
 def _copy_with_split_digits_reproduced(tmp_path: Path) -> Path:
-    work = tmp_path / "repo"
-    for rel in repo_files():
-        target = work / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target)
-    for stale in ("dvc.lock", "results", "data"):
-        path = work / stale
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    work = fresh_copy(tmp_path)
     # `make lab` runs .venv/bin/jupyter of the repository: this environment's
     (work / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     run(["git", "init", "-q"], work)  # DVC's repo is a git repo; no commit is needed
