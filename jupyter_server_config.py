@@ -8,8 +8,13 @@
 # changed. This hook refuses to save over any file without write permission bits, for every
 # user; JupyterLab shows the refusal in a "File Save Error" dialog.
 import os
+import warnings
 
 from tornado.web import HTTPError
+
+# Jupyter applies this file's settings to the contents manager more than once, and warns each
+# time the hook is set over itself.
+warnings.filterwarnings("ignore", message="Overriding existing pre_save_hook")
 
 
 def refuse_saving_read_only_files(model, path, contents_manager, **kwargs):

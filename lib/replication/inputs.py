@@ -84,11 +84,11 @@ def describe_input(name: str, params: dict[str, Any], root: str | Path = ".") ->
 
 
 def record_inputs(out_dir: str | Path, params_path: str | Path = "params.yaml") -> dict[str, dict]:
-    """Write ``out_dir/<name>.json`` (:func:`describe_input`, paths relative to the folder of
-    ``params_path``) for every input of :data:`INPUTS`; returns the records."""
+    """Write ``out_dir/<name>.json`` (:func:`describe_input`; relative paths from the working
+    directory, the repository root where the stages that read them run) for every input of
+    :data:`INPUTS`; returns the records."""
     params = load_yaml(params_path)
-    root = Path(params_path).parent
-    records = {name: describe_input(name, params, root) for name in INPUTS}
+    records = {name: describe_input(name, params) for name in INPUTS}
     for name, record in records.items():
         write_json_atomic(Path(out_dir) / f"{name}.json", record)
     return records

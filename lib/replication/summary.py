@@ -82,6 +82,8 @@ def figure_table(figure: int, estimates: dict[str, Any], samples: Any) -> pd.Dat
         cell = _cell(r["log10_volume"], rerun_spread_log10(samples[f"{key}__samples"]))
         rows.append({"run": r.get("run"), "row": r.get(row_field) if row_field else r["series"],
                      "series": r["series"], "k": r["n_samples"], "cell": cell})
+    if not rows:
+        raise ValueError(f"no estimates of Figure {figure}")
     df = pd.DataFrame(rows)
     if row_field is None:
         out = df.rename(columns={"row": "estimate", "cell": "log10 volume ± rerun"})
@@ -108,12 +110,17 @@ def summary_markdown(dvc_yaml: str | Path = "dvc.yaml") -> str:
     root = dvc_yaml.parent
     parts = ["## Summary: aggregate log10 volume ± rerun spread (bootstrap std of the aggregate)"]
     for figure, (title, est_var, smp_var, _) in FIGURES.items():
-        est, smp = root / paths[est_var], root / paths[smp_var]
-        if not (est.exists() and smp.exists()):
-            parts.append(f"### {title}\n\nnot run yet ({paths[est_var]} missing)")
+        missing = [paths[v] for v in (est_var, smp_var) if not (root / paths[v]).exists()]
+        if missing:
+            parts.append(f"### {title}\n\nnot run yet ({' and '.join(missing)} missing)")
             continue
-        with np.load(smp) as samples:
-            table = figure_table(figure, read_json(est), samples)
+        try:
+            with np.load(root / paths[smp_var]) as samples:
+                table = figure_table(figure, read_json(root / paths[est_var]), samples)
+        except (KeyError, ValueError, OSError) as err:  # results from other code or truncated
+            parts.append(f"### {title}\n\ncould not read {paths[est_var]} with "
+                         f"{paths[smp_var]}: {type(err).__name__}: {err}")
+            continue
         parts.append(f"### {title}\n\n{table.to_markdown(index=False)}")
     parts.append(
         "Full tables: figures/*_aggregates.md. Compare with another run: "

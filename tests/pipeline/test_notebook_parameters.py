@@ -201,3 +201,30 @@ def test_every_notebook_has_one_parameters_cell():
     assert notebooks
     for notebook in notebooks:
         assert declared_parameters(notebook), notebook
+
+
+def test_stage_cli_names_a_params_key_the_notebook_renamed(tmp_path, monkeypatch):
+    """params.yaml and dvc.yaml still pass `seed`, the notebook now declares `split_seed`:
+    the message names the key to rename, not only the notebook's short name."""
+    monkeypatch.chdir(tmp_path)
+    make_notebook(tmp_path / "stage.ipynb", parameters='out: str = "x"\nsplit_seed: int = 0\n')
+    (tmp_path / "params.yaml").write_text("tiny:\n  seed: 3\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  tiny:\n    cmd: x\n    params:\n      - tiny.seed\n")
+    with pytest.raises(SystemExit, match=r"params.yaml tiny.seed is passed to the notebook as "
+                       r"'seed', which its parameters cell does not declare \(out, split_seed\)"):
+        main(["run", "tiny", "stage.ipynb", "executed/stage.ipynb", "-p", "out", "injected.txt"])
+    nothing_written(tmp_path, tmp_path / "executed" / "stage.ipynb")
+
+
+def test_stage_cli_unknown_stage_or_notebook_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_notebook(tmp_path / "stage.ipynb")
+    (tmp_path / "params.yaml").write_text("tiny:\n  seed: 3\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  tiny:\n    cmd: x\n    params:\n      - tiny.seed\n")
+    with pytest.raises(SystemExit, match=r"\[tnyi\] KeyError: .*stage 'tnyi' not in dvc.yaml; "
+                       r"stages: tiny"):
+        main(["run", "tnyi", "stage.ipynb", "executed/stage.ipynb"])
+    with pytest.raises(SystemExit, match=r"\[tiny\] no notebook missing.py"):
+        main(["run", "tiny", "missing.py", "executed/stage.ipynb"])

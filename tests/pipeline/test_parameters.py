@@ -87,6 +87,18 @@ def test_repository_root_is_found_from_a_subfolder_and_notebook_setup_moves_ther
         assert Path.cwd() == tmp_path.resolve()
 
 
+def test_a_parameter_renamed_between_two_runs_is_not_passed_twice(tmp_path, monkeypatch):
+    """Run All, rename a parameter in the parameters cell, Run All again in the same kernel:
+    only the current names are parameters (IPython keeps every annotation a kernel has seen)."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    ns = notebook_namespace("seed: int = 0\nn_train: int = 1024\n")
+    assert notebook_setup(ns) == {"seed": 0, "n_train": 1024}
+    exec("split_seed: int = 5\n", ns)  # the edited parameters cell, rerun
+    assert notebook_setup(ns) == {"split_seed": 5}
+    assert notebook_setup(ns) == {"split_seed": 5}  # the setup cell rerun alone
+
+
 def test_repository_root_outside_a_repository_names_the_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"no dvc.yaml in {tmp_path}"):

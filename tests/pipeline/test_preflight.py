@@ -40,11 +40,18 @@ def offline(monkeypatch):
     return calls
 
 
+def write_tokenizer(path):
+    """A minimal tokenizer file the tokenizers library loads (a one-word vocabulary)."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(str(path))
+
+
 def base_params(tmp_path):
     """Settings whose inputs all exist (made in tmp_path): local source, local eval text, a
     two-split JPEG copy (empty archives are not checked beyond their first file: folders)."""
     tok = tmp_path / "tokenizer.json"
-    tok.write_text("{}")
+    write_tokenizer(tok)
     for split in ("train", "test"):
         (tmp_path / "cifar" / split / "airplane").mkdir(parents=True)
     return {
@@ -290,3 +297,72 @@ def test_paper_profile_fails_here_naming_every_key(tmp_path, offline):
                     "prepare_cifar.local_copy", "train_convnext.device",
                     "convnext_estimate.device", "pythia_estimate.device"], problems
     assert "prepare_cifar.download_root" in problems[2]
+
+
+def test_tokenizer_path_must_be_a_loadable_file(tmp_path, offline):
+    params = base_params(tmp_path)
+    params["fetch_pythia"]["tokenizer_path"] = str(tmp_path)  # the folder, a natural slip
+    [message] = preflight.check_inputs(params)
+    assert message.startswith("fetch_pythia.tokenizer_path:") and "is a folder" in message
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not json")
+    params["fetch_pythia"]["tokenizer_path"] = str(garbage)
+    [message] = preflight.check_inputs(params)
+    assert "is not a tokenizer file" in message and "fetch_pythia.tokenizer_path" in message
+
+
+def test_local_copy_naming_a_file_and_repo_id_naming_a_missing_folder(tmp_path, offline):
+    params = base_params(tmp_path)
+    archive = tmp_path / "train.tar.gz"
+    archive.write_bytes(b"")
+    params["prepare_cifar"]["local_copy"] = str(archive)
+    params["fetch_pythia"].update(source="hub", repo_id=str(tmp_path / "no-such-folder"))
+    params["pythia_estimate"].update(adam_source="squared_gradients")
+    problems = preflight.check_inputs(params)
+    assert any(m.startswith("prepare_cifar.local_copy:") and "is a file" in m for m in problems)
+    assert any(m.startswith("fetch_pythia.repo_id: the local folder") and "does not exist" in m
+               for m in problems)
+    assert offline == []  # a path is not sent to the hub
+
+
+def test_settings_that_no_stage_reads_are_named_with_a_suggestion(tmp_path, offline, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  prepare_cifar:\n    cmd: x\n    params:\n      - prepare_cifar.local_copy\n"
+        "      - prepare_cifar.download_root\n")
+    monkeypatch.chdir(tmp_path)
+    params = {"prepare_cifar": {"local_cpy": "x", "download_root": str(tmp_path)},
+              "prepare_cifarr": {"seed": 1}}
+    problems = preflight.check_inputs(params)
+    assert ("prepare_cifar.local_cpy is read by no stage of dvc.yaml (did you mean "
+            "prepare_cifar.local_copy?): rename or delete it") in problems
+    assert any(m.startswith("params.yaml section 'prepare_cifarr' is read by no stage")
+               and "did you mean 'prepare_cifar'" in m for m in problems)
+
+
+def test_a_notebook_pair_out_of_step_is_reported(tmp_path, offline, monkeypatch):
+    """DVC depends on X.py only, so an X.ipynb edited without Jupytext is invisible to
+    `dvc status`: the pre-flight check is what stops `make reproduce` on it."""
+    import nbformat
+
+    (tmp_path / "notebooks").mkdir()
+    for suffix in (".py", ".ipynb"):
+        shutil.copy(REPO / "notebooks" / f"split_digits{suffix}",
+                    tmp_path / "notebooks" / f"split_digits{suffix}")
+    monkeypatch.chdir(tmp_path)
+    params = base_params(tmp_path)
+    assert preflight.check_inputs(params) == []
+    nb = nbformat.read(tmp_path / "notebooks" / "split_digits.ipynb", as_version=4)
+    nb.cells[-1].source += "\nprint('edited without Jupytext')"
+    nbformat.write(nb, tmp_path / "notebooks" / "split_digits.ipynb")
+    [message] = preflight.check_inputs(params)
+    assert "hold different cells" in message and "jupytext --sync" in message
+
+
+def test_unreadable_params_file_is_one_line_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("a: [1,\n")
+    assert preflight.report(bad) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"preflight: cannot read {bad}: ParserError") and err.count("\n") == 1
+    assert preflight.report(tmp_path / "missing.yaml") == 1
+    assert "FileNotFoundError" in capsys.readouterr().err

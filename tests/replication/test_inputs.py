@@ -31,7 +31,8 @@ def test_folder_fingerprint_changes_with_any_byte_or_name_and_not_with_mtime(tmp
         fingerprint(tmp_path / "missing")
 
 
-def test_absent_copies_name_the_real_loader_and_present_ones_their_hash(tmp_path):
+def test_absent_copies_name_the_real_loader_and_present_ones_their_hash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are from the working directory, as in stages
     (tmp_path / "tok.json").write_text("{}")
     params = {"prepare_cifar": {"local_copy": "nowhere/cifar"},
               "fetch_pythia": {"tokenizer_path": "tok.json"},

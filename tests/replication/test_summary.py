@@ -89,3 +89,19 @@ def test_summary_names_stages_not_yet_run(tmp_path):
             for kind in ("estimates", "samples")) + "stages: {}\n")
     text = summary_markdown(tmp_path / "dvc.yaml")
     assert text.count("not run yet") == 7 and "dvc metrics diff --md" in text
+
+
+def test_summary_names_what_is_missing_or_unreadable(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(
+        "vars:\n  - paths:\n" + "".join(
+            f"      fig{n}_{kind}: fig{n}_{kind}\n" for n in range(1, 8)
+            for kind in ("estimates", "samples")) + "stages: {}\n")
+    (tmp_path / "fig1_estimates").write_text('{"estimates": {"naive": {"figure": 1, '
+                                             '"series": "naive", "log10_volume": -1.0, '
+                                             '"n_samples": 2}}}')
+    (tmp_path / "fig2_estimates").write_text('{"estimates": {}}')
+    np.savez(tmp_path / "fig2_samples.npz", x=np.zeros(2))
+    (tmp_path / "fig2_samples.npz").rename(tmp_path / "fig2_samples")
+    text = summary_markdown(tmp_path / "dvc.yaml")
+    assert "not run yet (fig1_samples missing)" in text  # names the file that is missing
+    assert "could not read fig2_estimates with fig2_samples: ValueError: no estimates" in text

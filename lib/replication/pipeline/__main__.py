@@ -47,7 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        parameters = stage_parameters(args.stage, args.dvc_yaml, args.params)
+        try:
+            parameters = stage_parameters(args.stage, args.dvc_yaml, args.params)
+        except (KeyError, FileNotFoundError) as err:  # unknown stage, key missing, no file
+            raise SystemExit(f"[{args.stage}] {type(err).__name__}: {err}") from err
+        if not args.notebook.is_file():
+            raise SystemExit(f"[{args.stage}] no notebook {args.notebook} (dvc.yaml's cmd of the "
+                             f"stage names it)")
         for name, value in args.parameter:
             if name in parameters:
                 raise SystemExit(f"-p {name}: already a params.yaml parameter of {args.stage}")

@@ -75,9 +75,10 @@ def read_notebook(path: str | Path) -> Any:
                 first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                 raise NotebookPairError(
                     f"{pair} and {path} hold different cells (first difference: cell {first}; "
-                    f"{len(b)} vs {len(a)} cells). dvc repro runs {path}. Open and save the "
-                    f"notebook in JupyterLab started by `make lab` (Jupytext writes both files), "
-                    f"or run `jupytext --sync {pair}` (it keeps the newer file's cells)")
+                    f"{len(b)} vs {len(a)} cells). dvc repro runs {path}, and Jupytext in "
+                    f"JupyterLab refuses to open a pair whose .ipynb is the newer file: run "
+                    f"`jupytext --sync {pair}` (it keeps the newer file's cells in both), or "
+                    f"`git checkout {pair} {path}` to drop the edit")
     else:
         nb = nbformat.read(str(path), as_version=4)
     nb.metadata = nbformat.NotebookNode(

@@ -171,14 +171,27 @@ def repository_root(start: str | Path | None = None) -> Path:
         f"repository's notebooks/ folder (make lab), or run them from inside the repository")
 
 
+_DECLARED = "_declared_parameters"  # the names of the last checked parameters cell
+
+
 def notebook_setup(namespace: dict[str, Any]) -> dict[str, Any]:
     """The second cell of every stage notebook: :func:`check_parameters` on ``namespace`` (the
     notebook's ``globals()``), then make :func:`repository_root` the working directory, so that
     the relative paths of the ``parameters`` cell (relative to the repository root, as in
     ``dvc.yaml``) resolve the same under ``dvc repro`` (already at the root) and in JupyterLab
-    (started in ``notebooks/``). Idempotent: Run All twice in one kernel gives the same result.
-    Returns the checked parameters."""
+    (started in ``notebooks/``).
+
+    Idempotent: Run All twice in one kernel gives the same result, and an edited parameters
+    cell counts as edited. IPython never empties a kernel's ``__annotations__``, so a parameter
+    renamed or deleted between two runs would otherwise still be passed; the declared names are
+    therefore moved out of ``__annotations__`` into ``namespace["_declared_parameters"]`` once
+    checked (rerunning this cell alone reuses them). Returns the checked parameters."""
+    annotations = namespace.setdefault("__annotations__", {})
+    if not annotations and namespace.get(_DECLARED):
+        annotations.update(namespace[_DECLARED])  # this cell rerun without the parameters cell
     parameters = check_parameters(namespace)
+    namespace[_DECLARED] = dict(annotations)
+    annotations.clear()
     root = repository_root()
     if Path.cwd().resolve() != root:
         os.chdir(root)
@@ -287,7 +300,13 @@ def check_values(parameters: dict[str, Any], annotations: dict[str, str],
     problems = []
     for name, value in parameters.items():
         if name not in annotations:
-            continue  # undeclared names are refused by run_notebook, with a hint
+            if name in keys:  # a params.yaml key the notebook no longer declares (renamed?)
+                problems.append(
+                    f"params.yaml {keys[name]} is passed to the notebook as {name!r}, which "
+                    f"its parameters cell does not declare ({', '.join(annotations)}): "
+                    f"rename the key in params.yaml and in dvc.yaml's params of the stage, "
+                    f"or declare `{name}: type = default` in the parameters cell")
+            continue  # other undeclared names are refused by run_notebook, with a hint
         tp = eval(annotations[name], {"__builtins__": {}}, _ANNOTATION_NAMES)  # noqa: S307
         where = f"params.yaml {keys[name]}" if name in keys else f"-p {name}"
         try:

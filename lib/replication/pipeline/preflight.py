@@ -116,6 +116,14 @@ class _Checker:
     def section(self, name: str) -> dict:
         return self.params.get(name) or {}
 
+    def count(self, section: str, key: str, default: int = 0) -> int:
+        """A non-negative integer setting; a problem naming the key (and 0) otherwise."""
+        value = self.section(section).get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.problems.append(f"{section}.{key} must be a non-negative integer, got {value!r}")
+            return 0
+        return value
+
     # ---- Pythia --------------------------------------------------------------------------
 
     def fetch_pythia(self) -> None:
@@ -132,7 +140,13 @@ class _Checker:
             self.problems.append(str(err))
             steps = []
         folder = self.path(repo_id) if repo_id else None
-        if source == "hub" and folder is not None and folder.is_dir():
+        if source == "hub" and repo_id.startswith(("/", ".", "~")) and not folder.is_dir():
+            self.problems.append(
+                f"fetch_pythia.repo_id: the local folder {repo_id} ({folder}) does not exist: "
+                "point it at a folder of step{N}/ checkpoints, or at a hub repository such as "
+                "EleutherAI/pythia-31m")
+            folder = None
+        elif source == "hub" and folder is not None and folder.is_dir():
             missing = [n for n in steps
                        if not (step_dir(folder, n) / "config.json").is_file()
                        or not any((step_dir(folder, n) / w).is_file() for w in WEIGHTS)]
@@ -162,10 +176,21 @@ class _Checker:
         """fetch_pythia.tokenizer_path, or its fallback (replication.pythia.data
         tokenizer_with_fallback): the tokenizer files of repo_id."""
         path = fetch.get("tokenizer_path", "")
-        if path and self.path(path).exists():
+        fix = ("set fetch_pythia.tokenizer_path to the GPT-NeoX-20B tokenizer.json file "
+               "(relative paths are relative to the repository root, "
+               f"{self.root})")
+        if path and self.path(path).is_dir():
+            self.problems.append(f"fetch_pythia.tokenizer_path: {path} is a folder: {fix}")
             return
-        fix = ("set fetch_pythia.tokenizer_path to the GPT-NeoX-20B tokenizer.json (e.g. "
-               "../shared/data/pythia-tokenizer/20B_tokenizer.json)")
+        if path and self.path(path).is_file():
+            from tokenizers import Tokenizer
+
+            try:
+                Tokenizer.from_file(str(self.path(path)))
+            except Exception as err:  # noqa: BLE001 - any failure to load is the problem
+                self.problems.append(f"fetch_pythia.tokenizer_path: {path} is not a tokenizer "
+                                     f"file the tokenizers library can load ({_why(err)}): {fix}")
+            return
         absent = f"fetch_pythia.tokenizer_path: {path!r} not found"
         if folder is not None and folder.is_dir():
             if not (folder / "tokenizer.json").is_file():
@@ -193,9 +218,10 @@ class _Checker:
         compare = (self.section("estimate_figure2").get("compare_squared_gradients", False)
                    and adam_source == "optimizer_state")
         # hub checkpoints draw the squared-gradient text from the JSONL, after the eval documents
-        sqgrad_docs = (int(est.get("sqgrad_batches", 0)) * int(est.get("sqgrad_batch_size", 0))
+        sqgrad_docs = (self.count("pythia_estimate", "sqgrad_batches")
+                       * self.count("pythia_estimate", "sqgrad_batch_size")
                        if hub and (adam_source == "squared_gradients" or compare) else 0)
-        n_docs = int(est.get("n_eval_docs", 1))
+        n_docs = self.count("pythia_estimate", "n_eval_docs", default=1)
         if eval_source == "local":
             if hub:
                 self.problems.append(
@@ -207,6 +233,10 @@ class _Checker:
             why = (f" (pythia_estimate.n_eval_docs {n_docs} + sqgrad_batches × sqgrad_batch_size "
                    f"{sqgrad_docs}: hub checkpoints draw the squared-gradient text from it)"
                    if sqgrad_docs else "")
+            if self.path(eval_source).is_dir():
+                self.problems.append(f"pythia_estimate.eval_source: {eval_source} is a folder, "
+                                     "not a JSONL file of {\"text\": ...} documents")
+                return
             try:
                 eval_texts(str(self.path(eval_source)), need, {})
             except FileNotFoundError:
@@ -215,7 +245,8 @@ class _Checker:
                     f"with at least {need} {{\"text\": ...}} documents{why} (The Pile's "
                     "val.jsonl), or 'local' with fetch_pythia.source: local")
             except ValueError as err:
-                self.problems.append(f"pythia_estimate.eval_source: {err}{why}")
+                self.problems.append(f"pythia_estimate.eval_source: {err}{why}; add documents, "
+                                     "or lower pythia_estimate.n_eval_docs")
         if hub and adam_source == "optimizer_state":
             self.raw_checkpoints(fetch, est)
 
@@ -247,6 +278,11 @@ class _Checker:
 
         pc = self.section("prepare_cifar")
         local_copy, download_root = pc.get("local_copy", ""), pc.get("download_root", "")
+        if local_copy and self.path(local_copy).is_file():
+            self.problems.append(
+                f"prepare_cifar.local_copy: {local_copy} is a file: point it at the folder that "
+                "holds train.tar.gz and test.tar.gz (or train/ and test/ JPEG trees)")
+            return
         if local_copy and self.path(local_copy).exists():
             folder = self.path(local_copy)
             for split in ("train", "test"):
@@ -269,6 +305,46 @@ class _Checker:
                 f"{CIFAR10.url} is unreachable ({why}): set prepare_cifar.local_copy to a JPEG "
                 "copy (e.g. ../shared/data/cifar10-jpeg), or put cifar-10-batches-py/ (or "
                 f"{CIFAR10.filename}) under prepare_cifar.download_root")
+
+    # ---- the pipeline's own files -------------------------------------------------------------
+
+    def notebook_pairs(self) -> None:
+        """Every notebooks/X.ipynb in step with X.py (what dvc.yaml runs): an .ipynb edited
+        without Jupytext changes no DVC dependency, so only this check can see it."""
+        from replication.pipeline.notebooks import NotebookPairError, read_notebook
+
+        for script in sorted((self.root / "notebooks").glob("*.py")):
+            try:
+                read_notebook(script)
+            except NotebookPairError as err:
+                self.problems.append(str(err))
+
+    def unknown_keys(self, dvc_yaml: Path) -> None:
+        """params.yaml keys that no stage of dvc.yaml reads (a misspelt key is silently
+        ignored by DVC, and the notebook's default applies)."""
+        import difflib
+
+        from replication.pipeline.parameters import load_yaml
+
+        if not dvc_yaml.is_file():
+            return
+        read = {key for stage in (load_yaml(dvc_yaml).get("stages") or {}).values()
+                for key in stage.get("params", []) if isinstance(key, str)}
+        sections = {key.split(".", 1)[0] for key in read}
+        for section, values in self.params.items():
+            if section not in sections:
+                close = difflib.get_close_matches(section, sections, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.problems.append(f"params.yaml section {section!r} is read by no stage of "
+                                     f"dvc.yaml{hint}: rename or delete it")
+                continue
+            known = [k.split(".", 1)[1] for k in read if k.startswith(section + ".")]
+            for key in values or {}:
+                if f"{section}.{key}" not in read:
+                    close = difflib.get_close_matches(key, known, n=1)
+                    hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+                    self.problems.append(f"{section}.{key} is read by no stage of dvc.yaml"
+                                         f"{hint}: rename or delete it")
 
     # ---- devices ---------------------------------------------------------------------------
 
@@ -338,6 +414,8 @@ def check_inputs(params: dict, *, root: str | Path | None = None) -> list[str]:
     checker.pythia_estimate()
     checker.prepare_cifar()
     checker.devices()
+    checker.notebook_pairs()
+    checker.unknown_keys(checker.root / "dvc.yaml")
     return checker.problems
 
 
@@ -346,7 +424,19 @@ def report(params_yaml: str | Path = "params.yaml") -> int:
     the working directory) to stderr and return 1, or print one "all found" line and return 0."""
     from replication.pipeline.parameters import load_yaml
 
-    problems = check_inputs(load_yaml(params_yaml))
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        params = load_yaml(params_yaml)
+    except (OSError, ValueError, YAMLError) as err:  # a missing file, or YAML that won't parse
+        why = " ".join(str(err).split())
+        print(f"preflight: cannot read {params_yaml}: {type(err).__name__}: {why}",
+              file=sys.stderr)
+        return 1
+    if not isinstance(params, dict):
+        print(f"preflight: {params_yaml} is not a mapping of sections", file=sys.stderr)
+        return 1
+    problems = check_inputs(params)
     if problems:
         print(f"preflight: {len(problems)} problem(s) with the external inputs of "
               f"{params_yaml}:", file=sys.stderr)

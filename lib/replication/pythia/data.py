@@ -172,6 +172,9 @@ def eval_texts(eval_source: str, n_docs: int, manifest: dict) -> list[str]:
             if not isinstance(text, str):
                 raise ValueError(f"{eval_source} line {number}: \"text\" is a "
                                  f"{type(text).__name__}, not a string (pythia_estimate.eval_source)")
+            if not text.strip():
+                raise ValueError(f"{eval_source} line {number}: \"text\" is empty: a document "
+                                 "without tokens adds nothing to the KL (pythia_estimate.eval_source)")
             texts.append(text)
     if len(texts) < n_docs:
         raise ValueError(f"{eval_source} has only {len(texts)} documents, need {n_docs} "

@@ -75,3 +75,7 @@ def test_eval_texts_from_jsonl_and_their_errors(tmp_path):
         data.eval_texts("local", 2, {"source": "hub"})
     held = data.local_documents(2, seed=0)[1]
     assert data.eval_texts("local", 1, {"heldout_topics": sorted(held)}) == [held[sorted(held)[0]]]
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"text": "doc"}) + "\n" + json.dumps({"text": "  \n"}) + "\n")
+    with pytest.raises(ValueError, match="line 2: \"text\" is empty.*pythia_estimate.eval_source"):
+        data.eval_texts(str(blank), 2, {})
