@@ -5,8 +5,9 @@
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its
-# paths. Run by hand (JupyterLab: Run All, from any folder), the defaults below apply: params.yaml's
-# values, inputs read from the pipeline's results, and outputs written only under
+# paths. Run by hand (JupyterLab: Run All, from any folder), the defaults below apply: the values
+# of the committed params.yaml (not of a profile applied since), inputs read from the pipeline's
+# results, and outputs written only under
 #   results/scratch/plot_figure1/
 # never over the pipeline's (point an output path elsewhere to change that).
 estimates_path: str = "results/mlp/figure1/estimates.json"  # from estimate_figure1

@@ -5,8 +5,9 @@
 
 # %% tags=["parameters"]
 # Parameters. `dvc repro` injects this stage's params.yaml keys (dvc.yaml lists them) and its
-# paths. Run by hand (JupyterLab: Run All, from any folder), the defaults below apply: params.yaml's
-# values, inputs read from the pipeline's results, and outputs written only under
+# paths. Run by hand (JupyterLab: Run All, from any folder), the defaults below apply: the values
+# of the committed params.yaml (not of a profile applied since), inputs read from the pipeline's
+# results, and outputs written only under
 #   results/scratch/prepare_cifar/
 # never over the pipeline's (point an output path elsewhere to change that).
 dataset_path: str = "results/scratch/prepare_cifar/dataset.npz"  # output: images, labels, split and evaluation indices

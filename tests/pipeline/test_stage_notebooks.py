@@ -145,3 +145,18 @@ def test_mistyped_notebook_parameter_fails_the_run(tmp_path, monkeypatch):
     with pytest.raises(papermill.PapermillExecutionError, match="expected int"):
         run_notebook(NOTEBOOKS / "split_digits.py", tmp_path / "out.ipynb",
                      {"n_train": "ten"}, stream=False)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_papermill_sees_every_declared_parameter(stage):
+    """papermill's own parser of the parameters cell (what `papermill --help-notebook` prints,
+    and what decides whether it warns "Passed unknown parameter") finds exactly the declared
+    names, with their types."""
+    from papermill.inspection import _infer_parameters
+    from papermill.iorw import load_notebook_node
+
+    nb = load_notebook_node(str(NOTEBOOKS / f"{stage}.ipynb"))  # as papermill reads it
+    inferred = {p.name: p.inferred_type_name for p in _infer_parameters(nb)}
+    defaults = declared_defaults(stage)
+    assert list(inferred) == list(defaults)
+    assert all(inferred[name] != "None" for name in inferred), inferred

@@ -83,3 +83,14 @@ def test_mlp_notebooks_run_in_order_with_tiny_parameters(workdir, monkeypatch):
     executed = nbformat.read(workdir / "executed" / "train_mlp.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert "hidden = 6" in injected[0].source
+    # what a run prints: no widget or kernel warnings (tqdm's text bars; kernels over local
+    # sockets, not unencrypted TCP), and the figure once (not also shown by the inline backend)
+    for stage in TINY:
+        nb = nbformat.read(workdir / "executed" / f"{stage}.ipynb", as_version=4)
+        text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
+                       if o.get("name") == "stderr")
+        for warning in ("IProgress not found", "TqdmWarning", "without encryption"):
+            assert warning not in text, (stage, warning)
+    plot = nbformat.read(workdir / "executed" / "plot_figure1.ipynb", as_version=4)
+    images = [o for c in plot.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "Figure 1 displayed exactly once"
