@@ -30,13 +30,9 @@ from replication.convnext.model import (AUGMENT, augment, decay_groups, evaluate
                                         poison_loss, quiet_transformers, sample_batch, step_seed)
 from replication.pipeline import write_csv_atomic, write_json_atomic, write_timings
 from replication.pipeline.devices import resolve_device
-from replication.sweep import check_distinct_steps, parameter_sha256
+from replication.sweep import check_distinct_steps, code_version, parameter_sha256
 
-__all__ = ["TRAIN_VERSION", "train_run", "train_stage"]
-
-# Bump when a change to the training code changes what a run produces: a run folder written
-# by another version is started over instead of being resumed or reused.
-TRAIN_VERSION = 3
+__all__ = ["train_run", "train_stage"]
 
 
 def _curve_subsets(data: dict, n_curve: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -204,7 +200,9 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
     """Train one network (module docstring) and save its log-spaced checkpoints.
 
     Resumes from the last complete ``step{N}/`` when ``run_dir/config.json`` matches these
-    settings, the data (hashed), the device type and :data:`TRAIN_VERSION`; a folder from
+    settings, the data (hashed), the device type and the source code
+    (:func:`replication.sweep.code_version`, a hash of every source file of localvol and
+    replication, so no edit can leave checkpoints of other code in place); a folder from
     anything else is deleted and the run starts over. The resumed run is bit-identical to an
     uninterrupted one on CPU; on CUDA, cuDNN's backward passes are not deterministic.
 
@@ -236,7 +234,7 @@ def train_run(run_dir: str | Path, data: dict, *, poison_probability: float, max
     device = resolve_device(device or "auto", "train_convnext.device")
     steps = _check_settings(max_steps=max_steps, batch_size=batch_size, n_curve=n_curve,
                             warmup=warmup, betas=betas, max_grad_norm=max_grad_norm)
-    config = {"version": TRAIN_VERSION, "poison_probability": poison_probability,
+    config = {"code_version": code_version(), "poison_probability": poison_probability,
               "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "betas": list(betas),
               "adam_eps": adam_eps, "weight_decay": weight_decay, "warmup": warmup,
               "max_grad_norm": max_grad_norm, "seed": seed, "n_curve": n_curve,

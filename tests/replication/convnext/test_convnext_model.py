@@ -75,7 +75,7 @@ def test_sampler_is_seeded_and_draws_poison_at_the_given_rate():
 
 def test_sampler_draws_are_pinned():
     """The batch of a step is a pure function of (seed, step), pinned to the values the code
-    has always drawn: a change would change every checkpoint (and need a TRAIN_VERSION bump)."""
+    has always drawn: a change would change every checkpoint."""
     idx, is_poison = convnext.sample_batch(5, seed=3, batch_size=8, clean_idx=np.arange(0, 1000, 2),
                                            poison_idx=np.arange(1, 1000, 2), poison_probability=0.4)
     assert idx.tolist() == [648, 360, 328, 83, 856, 97, 867, 718]

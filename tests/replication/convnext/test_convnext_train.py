@@ -12,6 +12,7 @@ import torch
 
 import localvol
 from replication.convnext import checkpoints, train
+from replication.sweep import code_version
 
 
 def _train_kwargs(tiny_net):
@@ -82,11 +83,28 @@ def test_run_config_keeps_its_keys_and_order(tmp_path, synthetic_data, tiny_net)
     """config.json is part of the checkpoints DVC hashes: same keys, same order as ever."""
     train.train_run(tmp_path / "run", synthetic_data, **{**_train_kwargs(tiny_net), "max_steps": 1})
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert list(config) == ["version", "poison_probability", "max_steps", "batch_size", "lr",
-                            "betas", "adam_eps", "weight_decay", "warmup", "max_grad_norm", "seed",
-                            "n_curve", "model_overrides", "data_source", "data_sha256",
+    assert list(config) == ["code_version", "poison_probability", "max_steps", "batch_size",
+                            "lr", "betas", "adam_eps", "weight_decay", "warmup", "max_grad_norm",
+                            "seed", "n_curve", "model_overrides", "data_source", "data_sha256",
                             "device_type"]
-    assert config["version"] == train.TRAIN_VERSION == 3
+    assert config["code_version"] == code_version() and len(config["code_version"]) == 64
+
+
+def test_a_finished_run_from_other_code_is_started_over(tmp_path, synthetic_data, tiny_net,
+                                                        monkeypatch):
+    """Checkpoints persist between `dvc repro` runs; after any source edit the run must train
+    again instead of resuming (or reusing) weights that other code produced."""
+    kwargs = {**_train_kwargs(tiny_net), "max_steps": 1}
+    train.train_run(tmp_path / "run", synthetic_data, **kwargs)
+    marker = tmp_path / "run" / "step1" / "from-old-code"
+    marker.write_text("")
+    train.train_run(tmp_path / "run", synthetic_data, **kwargs)  # same code: resumed, kept
+    assert marker.exists()
+    monkeypatch.setattr(train, "code_version", lambda: "0" * 64)  # the source changed
+    train.train_run(tmp_path / "run", synthetic_data, **kwargs)
+    assert not marker.exists()  # started over
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["code_version"] == "0" * 64
 
 
 @pytest.mark.parametrize("change, match", [
