@@ -85,13 +85,9 @@ def figure_table(figure: int, estimates: dict[str, Any], samples: Any) -> pd.Dat
     if not rows:
         raise ValueError(f"no estimates of Figure {figure}")
     df = pd.DataFrame(rows)
-    if row_field is None:
+    if row_field is None:  # one row per estimate (series names already start with the run)
         out = df.rename(columns={"row": "estimate", "cell": "log10 volume ± rerun"})
-        cols = (["run"] if df["run"].notna().any() else []) + ["estimate", "k",
-                                                               "log10 volume ± rerun"]
-        if "run" in cols:  # series names already start with the run
-            cols.remove("run")
-        return out[cols].reset_index(drop=True)
+        return out[["estimate", "k", "log10 volume ± rerun"]].reset_index(drop=True)
     index = ["run", "row"] if df["run"].notna().any() else ["row"]
     if "run" in index:  # ConvNeXt series names carry the run: drop it from the column names
         df["series"] = [s.split(", ", 1)[-1] for s in df["series"]]

@@ -4,14 +4,12 @@ pipeline order, on a tiny network and a tiny JPEG copy."""
 
 import ast
 import json
-import re
 import shutil
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
-from ruamel.yaml import YAML
 
 from replication.pipeline import (
     declared_parameters,
@@ -34,18 +32,9 @@ def notebook_defaults(stage: str) -> dict:
             for node in ast.parse(cell.source).body if isinstance(node, ast.AnnAssign)}
 
 
-def dvc_paths(stage: str) -> dict:
-    """{-p name: path} that dvc.yaml's command of ``stage`` passes, ${paths.x} resolved."""
-    dvc = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())
-    paths = dvc["vars"][0]["paths"]
-    cmd = " ".join(dvc["stages"][stage]["cmd"].split())
-    return {name: re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], value)
-            for name, value in re.findall(r"-p (\w+) (\S+)", cmd)}
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_notebook_defaults_are_params_yaml_and_dvc_yaml(stage):
-    expected = {**stage_parameters(stage, REPO / "dvc.yaml", REPO / "params.yaml"), **dvc_paths(stage)}
+    expected = {**stage_parameters(stage, REPO / "dvc.yaml", REPO / "params.yaml"), **stage_paths(stage, REPO / "dvc.yaml")}
     defaults = notebook_defaults(stage)
     assert list(defaults) == declared_parameters(REPO / "notebooks" / f"{stage}.py")
     assert set(defaults) == set(expected)
