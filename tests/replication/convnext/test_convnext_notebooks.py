@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 
