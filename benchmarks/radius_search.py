@@ -176,15 +176,20 @@ def peak_mem(device) -> str:
 
 
 class CountingCost:
-    """Wraps a batched cost: counts calls and (B, N) rows, and records vmap fallback warnings."""
+    """Wraps a batched cost: counts calls and (B, N) rows and the wall time spent inside it."""
 
-    def __init__(self, cost):
-        self.cost, self.calls, self.rows = cost, 0, 0
+    def __init__(self, cost, device):
+        self.cost, self.device, self.calls, self.rows, self.seconds = cost, device, 0, 0, 0.0
 
     def __call__(self, theta):
         self.calls += 1
         self.rows += theta.shape[0]
-        return self.cost(theta)
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = self.cost(theta)
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def run_pair(name, cost, anchor, prior, *, device, n_ours, n_base, dirs_per_pass, seed, warmup, log):
@@ -202,7 +207,7 @@ def run_pair(name, cost, anchor, prior, *, device, n_ours, n_base, dirs_per_pass
 
         # --- baseline -------------------------------------------------------------------
         reset_peak(device)
-        counted = CountingCost(cost)
+        counted = CountingCost(cost, device)
         sync(device)
         t0 = time.perf_counter()
         base_r, base_calls, base_points = [], [], []
@@ -224,7 +229,7 @@ def run_pair(name, cost, anchor, prior, *, device, n_ours, n_base, dirs_per_pass
 
         # --- ours -----------------------------------------------------------------------
         reset_peak(device)
-        counted_ours = CountingCost(cost)
+        counted_ours = CountingCost(cost, device)
         sync(device)
         t0 = time.perf_counter()
         est = localvol.estimate_log_volume(
@@ -250,6 +255,7 @@ def run_pair(name, cost, anchor, prior, *, device, n_ours, n_base, dirs_per_pass
         "evals/dir median": f"{np.median(base_calls):g} ({np.median(base_points):g})",
         "evals/dir mean": f"{base_calls.mean():.2f} ({base_points.mean():.2f})",
         "ms/sample": 1e3 * t_base / n_base, "|dr/r| med (max)": "ref", "peak mem": mem_base,
+        "outside cost": f"{100 * (1 - counted.seconds / t_base):.0f} %",
         "unconverged": int((~ok_b).sum()),
     })
     ev = est.evaluations
@@ -258,6 +264,7 @@ def run_pair(name, cost, anchor, prior, *, device, n_ours, n_base, dirs_per_pass
         "evals/dir median": f"{np.median(ev):g}",
         "evals/dir mean": f"{ev.mean():.2f} (+{(est.cost_evaluations - ev.sum()) / n_ours:.2f} anchor)",
         "ms/sample": 1e3 * t_ours / n_ours, "|dr/r| med (max)": rel_s, "peak mem": mem_ours,
+        "outside cost": f"{100 * (1 - counted_ours.seconds / t_ours):.0f} %",
         "unconverged": int((~np.isfinite(est.radii)).sum()),
     })
     vmap_ok = getattr(cost, "_vmap_ok", None)
@@ -274,9 +281,29 @@ def run_pair(name, cost, anchor, prior, *, device, n_ours, n_base, dirs_per_pass
     return rows, notes
 
 
+def localvol_row(name, cost, anchor, prior, *, device, n, batch, seed):
+    """One localvol-only row at a given directions-per-pass (the batch-size sweep)."""
+    counted = CountingCost(cost, device)
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    est = localvol.estimate_log_volume(counted, anchor, cutoff=CUTOFF, n_samples=n, prior=prior,
+                                       rtol=RTOL, batch_size=batch, seed=seed, progress=False)
+    sync(device)
+    t = time.perf_counter() - t0
+    ev = est.evaluations
+    return {
+        "model": name, "method": "localvol", "k": n, "dirs/pass": batch,
+        "evals/dir median": f"{np.median(ev):g}",
+        "evals/dir mean": f"{ev.mean():.2f} (+{(est.cost_evaluations - ev.sum()) / n:.2f} anchor)",
+        "ms/sample": 1e3 * t / n, "outside cost": f"{100 * (1 - counted.seconds / t):.0f} %",
+        "|dr/r| med (max)": "", "peak mem": peak_mem(device), "unconverged": int((~np.isfinite(est.radii)).sum()),
+    }
+
+
 def format_table(rows):
     cols = ["model", "device", "method", "k", "dirs/pass", "evals/dir median", "evals/dir mean",
-            "ms/sample", "|dr/r| med (max)", "unconverged", "peak mem"]
+            "ms/sample", "outside cost", "|dr/r| med (max)", "unconverged", "peak mem"]
 
     def cell(r, c):
         v = r[c]
@@ -301,16 +328,18 @@ def main(argv=None):
     p.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training the MLP")
     p.add_argument("--mlp-dirs-per-pass", type=int, default=None,
                    help="localvol batch_size for the MLP (default: the library's)")
+    p.add_argument("--mlp-batch-sweep", default="16,64,256",
+                   help="extra localvol-only rows for the MLP at these batch sizes ('' for none)")
     p.add_argument("--lm-samples", type=int, default=None,
-                   help="localvol directions for the LM (default: 2 on CPU, 16 on CUDA)")
+                   help="localvol directions for the LM (default: 8 on CPU, 16 on CUDA)")
     p.add_argument("--lm-baseline-samples", type=int, default=None,
-                   help="paper-bisect directions for the LM (default: 1 on CPU, 16 on CUDA)")
+                   help="paper-bisect directions for the LM (default: 2 on CPU, 16 on CUDA)")
     p.add_argument("--lm-dirs-per-pass", type=int, default=None,
                    help="localvol directions per forward pass for the LM (default: 2 on CPU, 8 on CUDA)")
     p.add_argument("--lm-batch", type=int, default=2,
                    help="sequences per forward pass in ExpectedKL (memory ∝ dirs/pass × this × 547 × 50304)")
-    p.add_argument("--lm-seqs", type=int, default=20)
-    p.add_argument("--lm-seq-len", type=int, default=547)
+    p.add_argument("--lm-seqs", type=int, default=2)
+    p.add_argument("--lm-seq-len", type=int, default=128)
     p.add_argument("--lm-init-std", type=float, default=0.02, help="GPTNeoXConfig.initializer_range")
     p.add_argument("--lm-attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     args = p.parse_args(argv)
@@ -320,8 +349,8 @@ def main(argv=None):
     else:
         device = torch.device(args.device)
     cuda = device.type == "cuda"
-    lm_ours = args.lm_samples or (16 if cuda else 2)
-    lm_base = args.lm_baseline_samples or (16 if cuda else 1)
+    lm_ours = args.lm_samples or (16 if cuda else 8)
+    lm_base = args.lm_baseline_samples or (16 if cuda else 2)
     lm_dpp = args.lm_dirs_per_pass or (8 if cuda else 2)
 
     def log(msg):
@@ -350,6 +379,9 @@ def main(argv=None):
         )
         rows += r
         notes.append(("digits MLP", nt))
+        for b in [int(x) for x in args.mlp_batch_sweep.split(",") if x]:
+            rows.append(localvol_row("digits MLP", cost, anchor, localvol.GaussianPrior(MLP_SIGMA),
+                                     device=device, n=args.mlp_samples, batch=b, seed=args.seed))
         del model, cost
 
     if not args.skip_lm:
@@ -372,7 +404,7 @@ def main(argv=None):
             )
         r, nt = run_pair(
             "Pythia-31M (random)", cost, anchor, localvol.GaussianPrior(args.lm_init_std), device=device,
-            n_ours=lm_ours, n_base=lm_base, dirs_per_pass=lm_dpp, seed=args.seed, warmup=cuda, log=log,
+            n_ours=lm_ours, n_base=lm_base, dirs_per_pass=lm_dpp, seed=args.seed, warmup=True, log=log,
         )
         rows += r
         notes.append(("Pythia-31M (random)", nt))

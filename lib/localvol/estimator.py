@@ -23,7 +23,7 @@ import torch
 from scipy.special import logsumexp
 from tqdm import tqdm
 
-from ._reduce import checksum64, row_dot64
+from ._reduce import checksum64, row_dot64, row_dots64
 from .code_version import source_hash
 from .preconditioners import PaperMatrixPreconditioner
 from .priors import GaussianPrior, LebesguePrior
@@ -177,7 +177,7 @@ def sample_directions(n_params: int, indices, *, seed: int, dtype, device) -> to
     for row, i in enumerate(indices):
         gen.manual_seed(direction_seed(seed, i))
         out[row] = torch.randn(n_params, generator=gen, dtype=dtype, device=device)
-    return out / torch.linalg.vector_norm(out, dim=1, keepdim=True)
+    return out.div_(torch.linalg.vector_norm(out, dim=1, keepdim=True))
 
 
 def estimate_log_volume(
@@ -257,10 +257,14 @@ def estimate_log_volume(
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
+    anchor_norm = float(row_dot64(anchor).sqrt())  # anchor-only quantities: computed once
     if isinstance(prior, GaussianPrior):
-        prior._inv_var(anchor)  # validates sigma's length
-        default_max = float(row_dot64(anchor).sqrt()) + prior.sigma_max * (math.sqrt(n) + 50.0)
+        inv_var = prior._inv_var(anchor)  # validates sigma's length
+        log_ray_constant = prior.log_ray_constant(anchor)
+        log_prior_at_anchor = prior.log_density_at(anchor)
+        default_max = anchor_norm + prior.sigma_max * (math.sqrt(n) + 50.0)
     else:
+        inv_var = log_ray_constant = log_prior_at_anchor = None
         default_max = 1e8
     max_radius = default_max if max_radius is None else max_radius
     _check_search_args(cutoff, rtol, max_radius)
@@ -283,14 +287,22 @@ def estimate_log_volume(
         if len(idx) == 0:
             continue
         u = sample_directions(n, idx, seed=seed, dtype=anchor.dtype, device=anchor.device)  # (B, N)
-        log_u_norm = 0.5 * torch.log(row_dot64(u)).cpu().numpy()
         v = u if preconditioner is None else preconditioner.apply(u)  # (B, N)
-        guess = _initial_radii(store, done, v)
+        log_u_norm, v_norm, a, b = _ray_sums(u, v, anchor, inv_var)
+        del u  # at most three (B, N) buffers live: v, and find_radius's points (+ u while applying P)
+        guess = _initial_radii(store, done, v_norm)
+        if guess is None:
+            guess = 1e-3 * max(anchor_norm, 1.0)  # find_radius's own default, without its anchor pass
         res = find_radius(
             cost, anchor, v, cutoff=cutoff, rtol=rtol, max_radius=max_radius,
             initial_radius=guess, anchor_cost=anchor_cost, first_index=int(idx[0]),
+            direction_norms=v_norm,
         )
-        store["samples"][idx] = prior.log_terms(anchor, v, res.multiplier, log_u_norm)
+        if isinstance(prior, GaussianPrior):
+            store["samples"][idx] = prior.log_terms_from_coefficients(
+                n, log_ray_constant, a, b, res.multiplier, log_u_norm)
+        else:
+            store["samples"][idx] = prior.log_terms(anchor, v, res.multiplier, log_u_norm)
         store["radii"][idx] = res.radius
         store["cost_at_radius"][idx] = res.cost
         store["direction_norms"][idx] = res.direction_norms / np.exp(log_u_norm)
@@ -322,7 +334,7 @@ def estimate_log_volume(
         direction_norms=store["direction_norms"],
         evaluations=store["evaluations"].astype(np.int64),
         cost_evaluations=cost_evals,
-        log_prior_at_anchor=prior.log_density_at(anchor),
+        log_prior_at_anchor=log_prior_at_anchor,
         n_params=n,
         cutoff=cutoff,
         rtol=rtol,
@@ -347,13 +359,34 @@ def _is_identity(preconditioner) -> bool:
     return bool(torch.all(torch.abs(torch.as_tensor(scales).double().log()) < 1e-12))
 
 
-def _initial_radii(store, done, v):
+def _initial_radii(store, done, v_norm):
     """Median radius per unit |v| of finished finite samples, times |v_i| (None if none yet)."""
     m = store["multipliers"][done]
     m = m[np.isfinite(m)]
     if m.size == 0:
         return None
-    return float(np.median(m)) * row_dot64(v).sqrt().cpu().numpy()
+    return float(np.median(m)) * v_norm
+
+
+def _ray_sums(u, v, anchor, inv_var):
+    """The batch's float64 reductions in one pass over u, v and the anchor.
+
+    Args:
+        u: (B, N) isotropic draws. v: (B, N) directions P u (``v is u`` when naive).
+        anchor: (N,). inv_var: 1/σ² of a Gaussian prior (float or (N,) tensor), or None.
+
+    Returns:
+        log|u_i| (B,), |v_i| (B,), and the Gaussian prior's ray coefficients a_i = Σ v²/σ²,
+        b_i = −Σ v θ0/σ² (eq. 19; see GaussianPrior.ray_coefficients), or None, None
+        without one. All float64 NumPy arrays.
+    """
+    terms = [(u, None, None)] + ([] if v is u else [(v, None, None)])
+    if inv_var is not None:
+        terms += [(v, None, inv_var), (v, anchor, inv_var)]
+    sums = [x.cpu().numpy() for x in row_dots64(*terms)]
+    uu, vv = sums[0], sums[0] if v is u else sums[1]
+    a, b = (sums[-2], -sums[-1]) if inv_var is not None else (None, None)
+    return 0.5 * np.log(uu), np.sqrt(vv), a, b
 
 
 def _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._reduce import row_dot64
+from ._reduce import row_dot64, row_dots64
 from .ray_integral import log_gaussian_ray_integral, log_unit_ball_volume, log_unit_sphere_area
 
 __all__ = ["GaussianPrior", "LebesguePrior"]
@@ -82,12 +82,17 @@ class GaussianPrior:
         """a_i = Σ d_ij²/σ_j², b_i = −Σ d_ij θ0_j/σ_j² for each row d_i of ``directions``.
 
         The prior along θ0 + t d_i is exp(−a_i t²/2 + b_i t) · exp(−|θ0/σ|²/2) · normaliser.
-        Returns two float64 NumPy arrays (B,).
+        Returns two float64 NumPy arrays (B,), from one float64 pass over the rows.
         """
         inv_var = self._inv_var(anchor)
-        a = torch.stack([row_dot64(d, weight=inv_var) for d in directions])
-        b = torch.stack([-row_dot64(d, anchor, weight=inv_var) for d in directions])
-        return a.cpu().numpy(), b.cpu().numpy()
+        a, minus_b = row_dots64((directions, None, inv_var), (directions, anchor, inv_var))
+        return a.cpu().numpy(), (-minus_b).cpu().numpy()
+
+    def log_ray_constant(self, anchor: torch.Tensor) -> float:
+        """log|S^(N−1)| + log ρ(0) + (log ρ(θ0) − log ρ(0)): the part of every ray's log term
+        (eq. 19) that does not depend on the ray, nats. One pass over the anchor."""
+        n = anchor.numel()
+        return log_unit_sphere_area(n) + self.log_normaliser(n) + self.log_density_at(anchor)
 
     def log_terms(self, anchor, directions, multipliers, log_u_norm) -> np.ndarray:
         """Per-sample log terms of eq. 19, nats: log|S^(N−1)| + log ρ-mass of the segment − N log|v|.
@@ -101,16 +106,18 @@ class GaussianPrior:
             anchor: (N,) tensor. directions: (B, N) tensor d_i. multipliers: (B,) float64
                 array m_i (inf allowed: the whole ray). log_u_norm: (B,) float64 log|u_i|.
         """
-        n = anchor.numel()
         a, b = self.ray_coefficients(anchor, directions)
-        log_int = log_gaussian_ray_integral(a, b, n, np.asarray(multipliers, dtype=np.float64))
-        return (
-            log_unit_sphere_area(n)
-            + self.log_normaliser(n)
-            + self.log_density_at(anchor)
-            + log_int
-            + n * np.asarray(log_u_norm, dtype=np.float64)
+        return self.log_terms_from_coefficients(
+            anchor.numel(), self.log_ray_constant(anchor), a, b, multipliers, log_u_norm
         )
+
+    @staticmethod
+    def log_terms_from_coefficients(n, log_constant, a, b, multipliers, log_u_norm) -> np.ndarray:
+        """:meth:`log_terms` from precomputed pieces (the estimator computes them once per
+        run and per batch): ``log_constant`` from :meth:`log_ray_constant`, (B,) float64 ``a``
+        and ``b`` from :meth:`ray_coefficients`, (B,) multipliers and log|u_i| as there."""
+        log_int = log_gaussian_ray_integral(a, b, n, np.asarray(multipliers, dtype=np.float64))
+        return log_constant + log_int + n * np.asarray(log_u_norm, dtype=np.float64)
 
 
 def _numeric_tensor(sigma) -> torch.Tensor:

@@ -76,6 +76,7 @@ def find_radius(
     anchor_cost: float | None = None,
     max_evaluations: int = 64,
     first_index: int = 0,
+    direction_norms=None,
 ) -> RadiusResult:
     """Find, along each direction, the radius where the cost crosses the cutoff.
 
@@ -93,6 +94,11 @@ def find_radius(
             no direction).
         max_evaluations: per-direction cap; exceeding it raises RadiusSearchError.
         first_index: index of the first direction in the caller's numbering (error messages).
+        direction_norms: optional (B,) float64 array |d_i|, if the caller has them (else one
+            float64 pass computes them).
+
+    The cost is called with a (b, N) tensor that find_radius reuses from call to call: a cost
+    must not keep a reference to its argument (copy it if it needs to).
 
     Returns:
         RadiusResult.
@@ -113,7 +119,12 @@ def find_radius(
         )
     directions = directions.to(anchor.device, anchor.dtype)
     n_dir = directions.shape[0]
-    norms = row_dot64(directions).sqrt().cpu().numpy()
+    if direction_norms is None:
+        norms = row_dot64(directions).sqrt().cpu().numpy()
+    else:
+        norms = np.asarray(direction_norms, dtype=np.float64)
+        if norms.shape != (n_dir,):
+            raise ValueError(f"direction_norms must have shape ({n_dir},), got {norms.shape}")
     if not np.all(np.isfinite(norms) & (norms > 0)):
         i = int(np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))[0])
         raise ValueError(f"direction {first_index + i} has norm {float(norms[i])!r}; need finite and > 0")
@@ -142,12 +153,19 @@ def find_radius(
     active = np.ones(n_dir, bool)
     target_lo, target_hi = cutoff * (1 - rtol), cutoff * (1 + rtol)
 
+    buffer = torch.empty_like(directions)  # the points θ0 + m_i d_i, reused every round
     while active.any():
         idx = np.flatnonzero(active)
         m = m_next[idx].astype(np_dtype).astype(np.float64)  # exactly representable multipliers
         m_t = torch.as_tensor(m, dtype=anchor.dtype, device=anchor.device)
         with torch.no_grad():
-            points = anchor[None, :] + m_t[:, None] * directions[idx]  # (b, N)
+            points = buffer[: len(idx)]  # (b, N)
+            if len(idx) == n_dir:
+                torch.mul(directions, m_t[:, None], out=points)
+            else:  # gather the active rows first (index_select into the buffer: no temporary)
+                torch.index_select(directions, 0, torch.as_tensor(idx, device=anchor.device), out=points)
+                points.mul_(m_t[:, None])
+            points.add_(anchor)  # the same float operations, in the same order, as θ0 + (m d)
             values = cost(points)
         delta = torch.as_tensor(values).detach().reshape(-1).double().cpu().numpy() - anchor_cost
         if delta.shape != (len(idx),):
