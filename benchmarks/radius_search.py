@@ -51,6 +51,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 import localvol
+from localvol.estimator import default_batch_size
 
 CUTOFF = 1e-2
 RTOL = 1e-2
@@ -328,7 +329,7 @@ def main(argv=None):
     p.add_argument("--mlp-steps", type=int, default=300, help="Adam steps training the MLP")
     p.add_argument("--mlp-dirs-per-pass", type=int, default=None,
                    help="localvol batch_size for the MLP (default: the library's)")
-    p.add_argument("--mlp-batch-sweep", default="16,64,256",
+    p.add_argument("--mlp-batch-sweep", default="16,32,128,256",
                    help="extra localvol-only rows for the MLP at these batch sizes ('' for none)")
     p.add_argument("--lm-samples", type=int, default=None,
                    help="localvol directions for the LM (default: 8 on CPU, 16 on CUDA)")
@@ -374,7 +375,7 @@ def main(argv=None):
         r, nt = run_pair(
             "digits MLP", cost, anchor, localvol.GaussianPrior(MLP_SIGMA), device=device,
             n_ours=args.mlp_samples, n_base=args.mlp_samples,
-            dirs_per_pass=args.mlp_dirs_per_pass or max(1, min(args.mlp_samples, 256, 2**26 // anchor.numel())),
+            dirs_per_pass=args.mlp_dirs_per_pass or default_batch_size(args.mlp_samples, anchor.numel()),
             seed=args.seed, warmup=True, log=log,
         )
         rows += r

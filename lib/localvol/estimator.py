@@ -29,7 +29,7 @@ from .preconditioners import PaperMatrixPreconditioner
 from .priors import GaussianPrior, LebesguePrior
 from .radius import _check_search_args, evaluate_anchor_cost, find_radius
 
-__all__ = ["VolumeEstimate", "estimate_log_volume", "sample_directions", "direction_seed"]
+__all__ = ["VolumeEstimate", "estimate_log_volume", "sample_directions", "direction_seed", "default_batch_size"]
 
 LN10 = math.log(10.0)
 
@@ -145,6 +145,19 @@ class VolumeEstimate:
         }
 
 
+def default_batch_size(n_samples: int, n_params: int) -> int:
+    """Directions per cost call when the caller does not choose: min(k, 64, 2^26 // N), ≥ 1.
+
+    64: on the digits MLP (2 CPU cores) 64 directions per pass took 0.50 ms per sample against
+    0.61 at 256 (the activations of 256 directions fall out of cache) and 0.63 at 16
+    (benchmarks/README.md). 2^26 // N keeps each of the estimator's two (B, N) buffers
+    (directions and points) under 2^26 elements, 256 MiB in float32: one direction per pass
+    from N = 2^26 ≈ 67 M parameters on. Changing the batch size changes the first guesses of
+    later batches, so estimates with different batch sizes differ within the search's rtol.
+    """
+    return max(1, min(int(n_samples), 64, 2**26 // int(n_params)))
+
+
 def direction_seed(seed: int, index: int) -> int:
     """The 63-bit generator seed of direction ``index`` under estimate seed ``seed``.
 
@@ -157,7 +170,7 @@ def direction_seed(seed: int, index: int) -> int:
     return int(state >> np.uint64(1))
 
 
-def sample_directions(n_params: int, indices, *, seed: int, dtype, device) -> torch.Tensor:
+def sample_directions(n_params: int, indices, *, seed: int, dtype, device, out=None) -> torch.Tensor:
     """Isotropic unit vectors u_i (B, N), one independent stream per sample index.
 
     Row b is direction ``indices[b]``: a standard normal vector drawn from a generator seeded
@@ -168,15 +181,21 @@ def sample_directions(n_params: int, indices, *, seed: int, dtype, device) -> to
     Args:
         n_params: N. indices: iterable of non-negative ints. seed: int in [0, 2^32).
         dtype: torch.float32 or torch.float64. device: where to draw and return.
+        out: optional (B, N) tensor of that dtype and device to fill (a buffer reused from
+            batch to batch: a fresh large tensor costs a page fault per 4 KiB on first write).
 
     Returns:
-        (B, N) tensor of unit rows in ``dtype`` on ``device``.
+        (B, N) tensor of unit rows in ``dtype`` on ``device`` (``out`` if given).
     """
-    out = torch.empty(len(indices), n_params, dtype=dtype, device=device)
+    if out is None:
+        out = torch.empty(len(indices), n_params, dtype=dtype, device=device)
+    elif out.shape != (len(indices), n_params) or out.dtype != dtype:
+        raise ValueError(f"out must be a ({len(indices)}, {n_params}) {dtype} tensor, "
+                         f"got {tuple(out.shape)} {out.dtype}")
     gen = torch.Generator(device=device)
     for row, i in enumerate(indices):
         gen.manual_seed(direction_seed(seed, i))
-        out[row] = torch.randn(n_params, generator=gen, dtype=dtype, device=device)
+        torch.randn(n_params, generator=gen, dtype=dtype, device=device, out=out[row])
     return out.div_(torch.linalg.vector_norm(out, dim=1, keepdim=True))
 
 
@@ -209,7 +228,7 @@ def estimate_log_volume(
         rtol: relative tolerance of the cost at the returned radius (see find_radius). It biases
             each log term by up to ~N·rtol/2 nats in either direction (radius error rtol/2
             for a locally quadratic cost); lower it when comparing estimates that differ by less.
-        batch_size: directions per cost call (None: min(k, 256, 2^26 // N), at least 1).
+        batch_size: directions per cost call (None: :func:`default_batch_size`).
         seed: int; direction i depends only on (seed, i).
         progress: show a tqdm progress bar over samples.
         max_radius: Euclidean radius beyond which a direction counts as unbounded (None:
@@ -245,20 +264,22 @@ def estimate_log_volume(
             f"{type(anchor).__name__} {getattr(anchor, 'dtype', '')} {tuple(getattr(anchor, 'shape', ()))}"
         )
     anchor = anchor.detach()
-    if not torch.isfinite(anchor).all():
-        raise ValueError("anchor has non-finite entries")
+    anchor_norm = math.sqrt(float(row_dot64(anchor)))  # float64: finite iff every entry is
+    if not math.isfinite(anchor_norm):
+        raise ValueError("anchor has non-finite entries" if not torch.isfinite(anchor).all()
+                         else "anchor's norm overflows float64")
     if not isinstance(prior, (GaussianPrior, LebesguePrior)):
         raise ValueError(f"prior must be GaussianPrior or LebesguePrior, got {prior!r}")
     n = anchor.numel()
     if preconditioner is not None and getattr(preconditioner, "n", n) != n:
         raise ValueError(f"preconditioner is for {preconditioner.n} parameters but the anchor has {n}")
     if batch_size is None:
-        batch_size = max(1, min(n_samples, 256, 2**26 // n))
+        batch_size = default_batch_size(n_samples, n)
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
-    anchor_norm = float(row_dot64(anchor).sqrt())  # anchor-only quantities: computed once
-    if isinstance(prior, GaussianPrior):
+    if isinstance(prior, GaussianPrior):  # anchor-only quantities: computed once
+
         inv_var = prior._inv_var(anchor)  # validates sigma's length
         log_ray_constant = prior.log_ray_constant(anchor)
         log_prior_at_anchor = prior.log_density_at(anchor)
@@ -282,21 +303,23 @@ def estimate_log_volume(
     todo = np.flatnonzero(~done)
     first = min(len(todo), 16, batch_size)  # a small pilot batch calibrates the first guesses
     batches = [todo[:first]] + [todo[s : s + batch_size] for s in range(first, len(todo), batch_size)]
+    # directions u and points θ0 + m v: (B, N) each, allocated once for all batches
+    buffers = torch.empty(2, max(map(len, batches)), n, dtype=anchor.dtype, device=anchor.device)
     bar = tqdm(total=n_samples, initial=int(done.sum()), disable=not progress, desc="local volume", unit="dir")
     for idx in batches:
         if len(idx) == 0:
             continue
-        u = sample_directions(n, idx, seed=seed, dtype=anchor.dtype, device=anchor.device)  # (B, N)
+        u = sample_directions(n, idx, seed=seed, dtype=anchor.dtype, device=anchor.device,
+                              out=buffers[0, : len(idx)])  # (B, N)
         v = u if preconditioner is None else preconditioner.apply(u)  # (B, N)
         log_u_norm, v_norm, a, b = _ray_sums(u, v, anchor, inv_var)
-        del u  # at most three (B, N) buffers live: v, and find_radius's points (+ u while applying P)
         guess = _initial_radii(store, done, v_norm)
         if guess is None:
             guess = 1e-3 * max(anchor_norm, 1.0)  # find_radius's own default, without its anchor pass
         res = find_radius(
             cost, anchor, v, cutoff=cutoff, rtol=rtol, max_radius=max_radius,
             initial_radius=guess, anchor_cost=anchor_cost, first_index=int(idx[0]),
-            direction_norms=v_norm,
+            direction_norms=v_norm, points_buffer=buffers[1],
         )
         if isinstance(prior, GaussianPrior):
             store["samples"][idx] = prior.log_terms_from_coefficients(

@@ -77,6 +77,7 @@ def find_radius(
     max_evaluations: int = 64,
     first_index: int = 0,
     direction_norms=None,
+    points_buffer: torch.Tensor | None = None,
 ) -> RadiusResult:
     """Find, along each direction, the radius where the cost crosses the cutoff.
 
@@ -96,6 +97,8 @@ def find_radius(
         first_index: index of the first direction in the caller's numbering (error messages).
         direction_norms: optional (B,) float64 array |d_i|, if the caller has them (else one
             float64 pass computes them).
+        points_buffer: optional (≥ B, N) tensor of the anchor's dtype and device to write the
+            evaluated points into (else one is allocated per call).
 
     The cost is called with a (b, N) tensor that find_radius reuses from call to call: a cost
     must not keep a reference to its argument (copy it if it needs to).
@@ -153,7 +156,14 @@ def find_radius(
     active = np.ones(n_dir, bool)
     target_lo, target_hi = cutoff * (1 - rtol), cutoff * (1 + rtol)
 
-    buffer = torch.empty_like(directions)  # the points θ0 + m_i d_i, reused every round
+    if points_buffer is None:
+        buffer = torch.empty_like(directions)  # the points θ0 + m_i d_i, reused every round
+    elif (points_buffer.ndim != 2 or points_buffer.shape[0] < n_dir or points_buffer.shape[1] != directions.shape[1]
+          or points_buffer.dtype != anchor.dtype or points_buffer.device != anchor.device):
+        raise ValueError(f"points_buffer must be a (≥{n_dir}, {directions.shape[1]}) {anchor.dtype} tensor on "
+                         f"{anchor.device}, got {tuple(points_buffer.shape)} {points_buffer.dtype}")
+    else:
+        buffer = points_buffer
     while active.any():
         idx = np.flatnonzero(active)
         m = m_next[idx].astype(np_dtype).astype(np.float64)  # exactly representable multipliers

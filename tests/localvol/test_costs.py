@@ -129,3 +129,27 @@ def test_nan_logits_at_padding_do_not_leak_into_the_kl():
     values = cost(torch.stack([anchor, anchor + 0.3]))
     assert torch.isfinite(values).all() and float(values[0]) == pytest.approx(0.0, abs=1e-15)
     assert float(values[1]) > 0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lm"])
+def test_in_place_kl_without_autograd_is_bit_identical_to_the_differentiable_form(kind):
+    """Under no_grad the KL is computed in place on log q (no (B, items, ..., C) temporaries);
+    the differentiable form (grad enabled) is the textbook Σ p0 (log p0 − log q). In float32,
+    where any change of rounding would show, both must give the same bits."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, inputs = _mlp(dtype=torch.float32), torch.rand(40, 5)
+        cost = lv.ExpectedKL(model, inputs, batch_size=16)
+    else:
+        model, inputs = _TinyLM(), torch.randint(0, 11, (5, 7))
+        mask = torch.ones(5, 7, dtype=torch.long)
+        mask[0, 5:] = 0
+        cost = lv.ExpectedKL(model, inputs, batch_size=2, attention_mask=mask)
+    anchor = parameters_to_vector(model.parameters()).detach()
+    thetas = anchor + 0.2 * torch.randn(4, anchor.numel())
+    with torch.no_grad():
+        fast = cost(thetas)
+    textbook = cost(thetas).detach()  # grad enabled: the out-of-place form
+    assert torch.all(fast > 1e-4)  # really away from the anchor
+    assert torch.equal(fast, textbook)
+    assert cost.anchor_log_probs.exp().equal(cost._anchor_probs)

@@ -267,3 +267,21 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
         _bad_call(checkpoint_path=ckpt)
+
+
+def test_default_batch_size_rule():
+    from localvol.estimator import default_batch_size
+
+    assert default_batch_size(1000, 4810) == 64  # digits MLP
+    assert default_batch_size(10, 4810) == 10  # never more than k
+    assert default_batch_size(1000, 30_494_720) == 2  # Pythia-31M: 2^26 // N
+    assert default_batch_size(1000, 2**27) == 1  # at least one
+
+
+def test_sample_directions_into_a_buffer_equals_fresh_draws():
+    fresh = lv.sample_directions(50, [3, 0, 9], seed=4, dtype=torch.float32, device="cpu")
+    buf = torch.full((3, 50), float("nan"))
+    got = lv.sample_directions(50, [3, 0, 9], seed=4, dtype=torch.float32, device="cpu", out=buf)
+    assert got is buf and torch.equal(got, fresh)
+    with pytest.raises(ValueError, match=r"out must be a \(3, 50\) torch.float32 tensor, got \(2, 50\)"):
+        lv.sample_directions(50, [3, 0, 9], seed=4, dtype=torch.float32, device="cpu", out=buf[:2])

@@ -130,3 +130,23 @@ def test_bad_arguments(kw, match):
     dirs = args.pop("directions")
     with pytest.raises(ValueError, match=match):
         lv.find_radius(lambda th: (th**2).sum(1), torch.zeros(2, dtype=torch.float64), dirs, **args)
+
+
+def test_points_buffer_and_given_norms_change_nothing():
+    """find_radius with a caller's points buffer (larger than the batch) and precomputed
+    |d_i| gives the same radii, bit for bit, as with its own."""
+    torch.manual_seed(0)
+    a = torch.diag(torch.linspace(0.5, 3.0, 6, dtype=torch.float64))
+    cost = lv.QuadraticCost(a, torch.zeros(6, dtype=torch.float64))
+    anchor = torch.zeros(6, dtype=torch.float64)
+    d = torch.randn(4, 6, dtype=torch.float64)
+    plain = lv.find_radius(cost, anchor, d, cutoff=0.1)
+    buffer = torch.full((7, 6), float("nan"), dtype=torch.float64)
+    norms = torch.linalg.vector_norm(d, dim=1).numpy()
+    reused = lv.find_radius(cost, anchor, d, cutoff=0.1, points_buffer=buffer, direction_norms=norms)
+    np.testing.assert_array_equal(reused.radius, plain.radius)
+    np.testing.assert_array_equal(reused.evaluations, plain.evaluations)
+    with pytest.raises(ValueError, match="points_buffer must be"):
+        lv.find_radius(cost, anchor, d, cutoff=0.1, points_buffer=buffer[:3])
+    with pytest.raises(ValueError, match=r"direction_norms must have shape \(4,\)"):
+        lv.find_radius(cost, anchor, d, cutoff=0.1, direction_norms=norms[:2])
