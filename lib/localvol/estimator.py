@@ -279,7 +279,6 @@ def estimate_log_volume(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
     if isinstance(prior, GaussianPrior):  # anchor-only quantities: computed once
-
         inv_var = prior._inv_var(anchor)  # validates sigma's length
         log_ray_constant = prior.log_ray_constant(anchor)
         log_prior_at_anchor = prior.log_density_at(anchor)
