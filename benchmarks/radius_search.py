@@ -24,14 +24,17 @@ Columns:
   ms/sample  wall time of the whole search divided by the number of directions (direction
              sampling, centre/anchor evaluations included; model building and the anchor
              log-probabilities of ExpectedKL, shared by both methods, excluded).
+  outside cost  share of that wall time spent outside the cost's calls (direction sampling,
+             float64 reductions, point construction, the search's bookkeeping, the ray integral).
   |dr/r|     median (max) |r_ours − r_paper| / r_paper over the directions both methods ran.
   peak mem   CUDA: torch.cuda.max_memory_allocated during the phase; CPU: process max RSS
              so far (monotone, includes everything before).
 
+Extra MLP rows (``--mlp-batch-sweep``) repeat localvol alone at other directions per pass.
+
 Run:  python benchmarks/radius_search.py [--device auto|cpu|cuda] [--skip-lm] ...
-The LM is expensive on CPU (30–40 s per cost evaluation over 20×547 tokens on 2 cores), so
-the CPU defaults run only 1 baseline and 2 localvol directions for it (~15 min in all on a
-loaded 2-core machine; --skip-lm: ~1 min).
+The LM workload is 2 sequences of 128 random tokens; on 2 CPU cores the defaults (2 baseline
+and 8 localvol directions, --mlp-samples 1000) take well under a minute.
 """
 from __future__ import annotations
 

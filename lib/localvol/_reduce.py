@@ -31,10 +31,13 @@ def row_dots64(*terms) -> list[torch.Tensor]:
             if isinstance(t, torch.Tensor):
                 tensors[id(t)] = t
     rows = max(t.shape[0] if t.ndim == 2 else 1 for t in tensors.values())
-    width = max(1, min(n, _CACHE_ELEMENTS // rows))
+    width = max(1, min(n, _CACHE_ELEMENTS // max(rows, 1)))
     buffers = {k: torch.empty(t.shape[:-1] + (width,), dtype=torch.float64, device=device)
                for k, t in tensors.items()}
-    totals = [torch.zeros(x.shape[:-1], dtype=torch.float64, device=device) for x, _, _ in terms]
+    totals = [torch.zeros(torch.broadcast_shapes(x.shape[:-1], () if y is None else y.shape[:-1]),
+                          dtype=torch.float64, device=device) for x, y, _ in terms]
+    if rows == 0:
+        return totals
     for s in range(0, n, width):
         w = min(width, n - s)
         block = {}

@@ -268,7 +268,6 @@ class ExpectedKL(_ModelCost):
             logits = self._anchor_logits(slice(start, start + self.batch_size))  # shape-checked
             parts.append(torch.log_softmax(logits.to(_at_least_float32(logits.dtype)), -1))
         self.anchor_log_probs = torch.cat(parts)  # (n, ..., C)
-        self._anchor_probs = self.anchor_log_probs.exp()  # p0, the same values as exp() per call
 
     def _item_losses(self, logits, sl):
         """Σ_c p0 (log p0 − log q) per item, q = softmax(logits): (B, items, ...)."""
@@ -279,7 +278,7 @@ class ExpectedKL(_ModelCost):
         # Without autograd, the same float operations in place on log_q: (log q − log p0)·p0
         # is −(p0 (log p0 − log q)) exactly, as is its sum, so the value is bit-identical and
         # no further (B, items, ..., C) temporaries are made (they dominate an LM's KL).
-        return -log_q.sub_(log_p0).mul_(self._anchor_probs[sl]).sum(-1)
+        return -log_q.sub_(log_p0).mul_(log_p0.exp()).sum(-1)
 
 
 class CrossEntropyCost(_ModelCost):

@@ -189,9 +189,11 @@ def sample_directions(n_params: int, indices, *, seed: int, dtype, device, out=N
     """
     if out is None:
         out = torch.empty(len(indices), n_params, dtype=dtype, device=device)
-    elif out.shape != (len(indices), n_params) or out.dtype != dtype:
-        raise ValueError(f"out must be a ({len(indices)}, {n_params}) {dtype} tensor, "
-                         f"got {tuple(out.shape)} {out.dtype}")
+    elif (out.shape != (len(indices), n_params) or out.dtype != dtype or not out.is_contiguous()
+          or out.device.type != torch.device(device).type):
+        raise ValueError(f"out must be a contiguous ({len(indices)}, {n_params}) {dtype} tensor on "
+                         f"{device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
+                         f"{'' if out.is_contiguous() else ', not contiguous'}")
     gen = torch.Generator(device=device)
     for row, i in enumerate(indices):
         gen.manual_seed(direction_seed(seed, i))
@@ -218,7 +220,8 @@ def estimate_log_volume(
 
     Args:
         cost: batched cost, (B, N) -> (B,) (e.g. :class:`localvol.ExpectedKL`). Its value at
-            the anchor is subtracted, so it need not be 0 there; it must not go below it.
+            the anchor is subtracted, so it need not be 0 there; it must not go below it. Its
+            (B, N) argument is a buffer reused from call to call: a cost must not keep it.
         anchor: (N,) float32/float64 tensor θ0 on any device; all work stays there.
         cutoff: float > 0, cost units (nats for KL).
         n_samples: k ≥ 1 Monte Carlo directions.
@@ -310,8 +313,21 @@ def estimate_log_volume(
             continue
         u = sample_directions(n, idx, seed=seed, dtype=anchor.dtype, device=anchor.device,
                               out=buffers[0, : len(idx)])  # (B, N)
-        v = u if preconditioner is None else preconditioner.apply(u)  # (B, N)
-        log_u_norm, v_norm, a, b = _ray_sums(u, v, anchor, inv_var)
+        if preconditioner is None:
+            v = u
+        else:  # |u| first: a preconditioner may work in place on u
+            log_u_norm = _ray_sums(u, anchor, None)[0]
+            v = preconditioner.apply(u)  # (B, N)
+            if not isinstance(v, torch.Tensor) or v.shape != u.shape:
+                raise ValueError(f"preconditioner.apply returned {_describe(v)} for directions of "
+                                 f"shape {tuple(u.shape)}; it must return the same shape")
+        # the search runs along v in the anchor's dtype; the prior's coefficients use v as the
+        # preconditioner returned it (float64 for a float32 anchor, say), as they always have
+        v_search = v.to(anchor.device, anchor.dtype)
+        log_v_norm, v_norm, a, b = _ray_sums(v_search, anchor, inv_var, coefficients_of=v)
+        if preconditioner is None:
+            log_u_norm = log_v_norm
+        v = v_search
         guess = _initial_radii(store, done, v_norm)
         if guess is None:
             guess = 1e-3 * max(anchor_norm, 1.0)  # find_radius's own default, without its anchor pass
@@ -390,25 +406,30 @@ def _initial_radii(store, done, v_norm):
     return float(np.median(m)) * v_norm
 
 
-def _ray_sums(u, v, anchor, inv_var):
-    """The batch's float64 reductions in one pass over u, v and the anchor.
+def _describe(x) -> str:
+    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _ray_sums(v, anchor, inv_var, coefficients_of=None):
+    """The batch's float64 reductions in one pass over v and the anchor.
 
     Args:
-        u: (B, N) isotropic draws. v: (B, N) directions P u (``v is u`` when naive).
-        anchor: (N,). inv_var: 1/σ² of a Gaussian prior (float or (N,) tensor), or None.
+        v: (B, N) directions. anchor: (N,). inv_var: 1/σ² of a Gaussian prior (float or (N,)
+            tensor), or None. coefficients_of: the (B, N) tensor whose ray coefficients are
+            wanted, if not v (the same directions in another dtype).
 
     Returns:
-        log|u_i| (B,), |v_i| (B,), and the Gaussian prior's ray coefficients a_i = Σ v²/σ²,
+        log|v_i| (B,), |v_i| (B,), and the Gaussian prior's ray coefficients a_i = Σ v²/σ²,
         b_i = −Σ v θ0/σ² (eq. 19; see GaussianPrior.ray_coefficients), or None, None
         without one. All float64 NumPy arrays.
     """
-    terms = [(u, None, None)] + ([] if v is u else [(v, None, None)])
+    c = v if coefficients_of is None else coefficients_of
+    terms = [(v, None, None)]
     if inv_var is not None:
-        terms += [(v, None, inv_var), (v, anchor, inv_var)]
+        terms += [(c, None, inv_var), (c, anchor, inv_var)]
     sums = [x.cpu().numpy() for x in row_dots64(*terms)]
-    uu, vv = sums[0], sums[0] if v is u else sums[1]
-    a, b = (sums[-2], -sums[-1]) if inv_var is not None else (None, None)
-    return 0.5 * np.log(uu), np.sqrt(vv), a, b
+    a, b = (sums[1], -sums[2]) if inv_var is not None else (None, None)
+    return 0.5 * np.log(sums[0]), np.sqrt(sums[0]), a, b
 
 
 def _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius) -> str:

@@ -283,5 +283,45 @@ def test_sample_directions_into_a_buffer_equals_fresh_draws():
     buf = torch.full((3, 50), float("nan"))
     got = lv.sample_directions(50, [3, 0, 9], seed=4, dtype=torch.float32, device="cpu", out=buf)
     assert got is buf and torch.equal(got, fresh)
-    with pytest.raises(ValueError, match=r"out must be a \(3, 50\) torch.float32 tensor, got \(2, 50\)"):
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(3, 50\) torch.float32 tensor on cpu, got \(2, 50\)"):
         lv.sample_directions(50, [3, 0, 9], seed=4, dtype=torch.float32, device="cpu", out=buf[:2])
+
+
+class _ScalePreconditioner:
+    """diag(p) with det 1, applied out of place or in place on u (both are allowed)."""
+
+    def __init__(self, n, in_place):
+        p = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+        self.p, self.n, self.in_place = p / p.log().mean().exp(), n, in_place
+
+    def apply(self, u):
+        return u.mul_(self.p) if self.in_place else u * self.p
+
+
+def test_a_preconditioner_working_in_place_on_u_gives_the_same_estimate():
+    a_mat, lam, center = _ellipsoid(n=12, cond=10)
+    cost = lv.QuadraticCost(a_mat, center)
+    kw = dict(cutoff=0.1, n_samples=9, prior=lv.GaussianPrior(1.0), batch_size=4, progress=False)
+    copy = lv.estimate_log_volume(cost, center, preconditioner=_ScalePreconditioner(12, False), **kw)
+    inplace = lv.estimate_log_volume(cost, center, preconditioner=_ScalePreconditioner(12, True), **kw)
+    np.testing.assert_array_equal(inplace.samples, copy.samples)
+    np.testing.assert_array_equal(inplace.direction_norms, copy.direction_norms)
+    assert not np.allclose(copy.direction_norms, 1.0)  # |P u| / |u| really differs from 1
+
+
+def test_a_preconditioner_returning_the_wrong_shape_is_named():
+    class Bad:
+        def apply(self, u):
+            return u[:, :-1]
+
+    a_mat, lam, center = _ellipsoid(n=6, cond=10)
+    with pytest.raises(ValueError, match=r"preconditioner.apply returned a tensor of shape \(3, 5\) "
+                                         r"for directions of shape \(3, 6\)"):
+        lv.estimate_log_volume(lv.QuadraticCost(a_mat, center), center, cutoff=0.1, n_samples=3,
+                               prior=lv.LebesguePrior(), preconditioner=Bad(), progress=False)
+
+
+def test_sample_directions_refuses_a_non_contiguous_buffer():
+    buf = torch.empty(50, 3).t()  # (3, 50), strided
+    with pytest.raises(ValueError, match="not contiguous"):
+        lv.sample_directions(50, [0, 1, 2], seed=0, dtype=torch.float32, device="cpu", out=buf)

@@ -150,3 +150,10 @@ def test_points_buffer_and_given_norms_change_nothing():
         lv.find_radius(cost, anchor, d, cutoff=0.1, points_buffer=buffer[:3])
     with pytest.raises(ValueError, match=r"direction_norms must have shape \(4,\)"):
         lv.find_radius(cost, anchor, d, cutoff=0.1, direction_norms=norms[:2])
+
+
+def test_no_directions_give_empty_results():
+    cost = lv.QuadraticCost(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    res = lv.find_radius(cost, torch.zeros(3, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64),
+                         cutoff=0.1, anchor_cost=0.0)
+    assert res.radius.shape == (0,) and res.evaluations.shape == (0,)
