@@ -57,12 +57,13 @@ def row_dots64(*terms) -> list[torch.Tensor]:
 
 
 def _dot(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product of float64 blocks, (B, W) or (W,) each, broadcast over rows."""
-    if xs.ndim == 2 and ys.ndim == 1:
-        return xs @ ys
-    if xs.ndim == 1 and ys.ndim == 2:
-        return ys @ xs
-    return torch.linalg.vecdot(xs, ys)
+    """Row-wise dot product of float64 blocks, (B, W) or (W,) each, broadcast over rows.
+
+    Row-wise reductions, not BLAS matrix-vector products: a BLAS gemv splits its sum over
+    threads, so its last bits would depend on the thread count."""
+    if xs.ndim == 2 and ys.ndim == 2:
+        return torch.linalg.vecdot(xs, ys)
+    return (xs * ys).sum(-1)
 
 
 def row_dot64(x: torch.Tensor, y: torch.Tensor | None = None, weight=None) -> torch.Tensor:

@@ -32,3 +32,21 @@ def test_row_dot64_shapes():
     y = torch.ones(2, 10)
     np.testing.assert_array_equal(row_dot64(x, y).numpy(), [45.0, 45.0])  # 1-D x, 2-D y
     assert row_dot64(torch.zeros(0, 10)).shape == (0,)
+
+
+def test_row_dots64_does_not_depend_on_the_thread_count(monkeypatch):
+    monkeypatch.setattr(_reduce, "_CACHE_ELEMENTS", 1 << 17)
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 300_007, generator=gen)
+    a = torch.randn(300_007, generator=gen)
+    w = torch.rand(300_007, generator=gen, dtype=torch.float64) + 0.5
+    terms = [(u, None, None), (u, a, None), (u, None, w), (u, a, w)]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append([t.tolist() for t in row_dots64(*terms)])
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0] == results[1]

@@ -276,6 +276,13 @@ return {kernel: s && s.session && s.session.kernel ? s.session.kernel.status : n
         last_modified: widget.context.contentsModel ? widget.context.contentsModel.last_modified : null};
 """, path)
 
+    def cell_source(self, path: str, index: int) -> str | None:
+        """The source of cell ``index`` of the open notebook ``path`` as the browser holds it."""
+        return self.driver.execute_script(_FIND + """
+if (!widget) return null;
+return widget.content.widgets[arguments[1]].model.sharedModel.getSource();
+""", path, index)
+
     # -- user actions -----------------------------------------------------------------------
 
     def open(self, path: str) -> None:
