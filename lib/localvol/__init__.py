@@ -1,12 +1,13 @@
 """localvol: estimate the local volume (prior probability) of trained neural networks.
 
 Reference replication of Scherlis & Belrose, "Estimating the Probability of Sampling a Trained
-Neural Network at Random". Main entry point: :func:`estimate_log_volume`.
+Neural Network at Random". Main entry point: :func:`estimate_log_volume`; over many processes,
+:func:`localvol.distributed.estimate_log_volume_distributed`.
 """
 from .adam import adam_moment
 from .costs import CrossEntropyCost, ExpectedKL, QuadraticCost
 from .curvature import hessian, hessian_diagonal, hesscale_diagonal
-from .estimator import VolumeEstimate, estimate_log_volume, sample_directions
+from .estimator import VolumeEstimate, VolumeRun, estimate_log_volume, sample_directions
 from .preconditioners import (
     DiagonalPreconditioner,
     MatrixPreconditioner,
@@ -26,6 +27,7 @@ __all__ = [
     "hessian_diagonal",
     "hesscale_diagonal",
     "VolumeEstimate",
+    "VolumeRun",
     "estimate_log_volume",
     "sample_directions",
     "DiagonalPreconditioner",

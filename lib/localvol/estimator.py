@@ -10,21 +10,20 @@ high-probability lower bound (Markov, eq. 14).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.special import logsumexp
 from tqdm import tqdm
 
-from ._reduce import checksum64, row_dot64, row_dots64
-from .code_version import source_hash
+from ._reduce import row_dot64, row_dots64
+from ._progress import cost_probe, fingerprint, load_progress, save_progress
+from .directions import direction_seed, sample_directions
 from .preconditioners import PaperMatrixPreconditioner
 from .priors import GaussianPrior, LebesguePrior
 from .radius import _check_search_args, evaluate_anchor_cost, find_radius
@@ -158,47 +157,10 @@ def default_batch_size(n_samples: int, n_params: int) -> int:
     return max(1, min(int(n_samples), 64, 2**26 // int(n_params)))
 
 
-def direction_seed(seed: int, index: int) -> int:
-    """The 63-bit generator seed of direction ``index`` under estimate seed ``seed``.
-
-    Derived with ``numpy.random.SeedSequence([seed, index])`` (a hash of both integers), so no
-    direction's stream coincides with an ordinary ``torch.manual_seed(j)`` stream for small j
-    (which a model's initialisation may have used: a direction correlated with the weights
-    biases the estimate). Depends only on (seed, index).
-    """
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
-    return int(state >> np.uint64(1))
-
-
-def sample_directions(n_params: int, indices, *, seed: int, dtype, device, out=None) -> torch.Tensor:
-    """Isotropic unit vectors u_i (B, N), one independent stream per sample index.
-
-    Row b is direction ``indices[b]``: a standard normal vector drawn from a generator seeded
-    with :func:`direction_seed` (seed, i), then normalised. It depends only on (seed, i) and on
-    the device type (CPU and CUDA generators differ), not on the batch size, the batch's other
-    indices, resuming, or which process or device of that type draws it.
-
-    Args:
-        n_params: N. indices: iterable of non-negative ints. seed: int in [0, 2^32).
-        dtype: torch.float32 or torch.float64. device: where to draw and return.
-        out: optional (B, N) tensor of that dtype and device to fill (a buffer reused from
-            batch to batch: a fresh large tensor costs a page fault per 4 KiB on first write).
-
-    Returns:
-        (B, N) tensor of unit rows in ``dtype`` on ``device`` (``out`` if given).
-    """
-    if out is None:
-        out = torch.empty(len(indices), n_params, dtype=dtype, device=device)
-    elif (out.shape != (len(indices), n_params) or out.dtype != dtype or not out.is_contiguous()
-          or out.device.type != torch.device(device).type):
-        raise ValueError(f"out must be a contiguous ({len(indices)}, {n_params}) {dtype} tensor on "
-                         f"{device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
-                         f"{'' if out.is_contiguous() else ', not contiguous'}")
-    gen = torch.Generator(device=device)
-    for row, i in enumerate(indices):
-        gen.manual_seed(direction_seed(seed, i))
-        torch.randn(n_params, generator=gen, dtype=dtype, device=device, out=out[row])
-    return out.div_(torch.linalg.vector_norm(out, dim=1, keepdim=True))
+BLOCK_SIZE = 256
+"""Samples per block (:class:`VolumeRun`): blocks are computed independently of each other."""
+PILOT_SIZE = 16
+"""Directions of the pilot batch (samples 0, 1, ...) whose radii give every block its first guess."""
 
 
 def estimate_log_volume(
@@ -215,6 +177,7 @@ def estimate_log_volume(
     progress: bool = True,
     max_radius: float | None = None,
     checkpoint_path: str | os.PathLike | None = None,
+    block_size: int = BLOCK_SIZE,
 ) -> VolumeEstimate:
     """Estimate the log prior mass of the star domain {θ0 + t v̂ : C < cutoff} (paper §3).
 
@@ -238,10 +201,14 @@ def estimate_log_volume(
             |θ0| + max σ·(√N + 50) for the Gaussian prior, where the remaining mass is
             negligible; 1e8 for Lebesgue).
         checkpoint_path: optional .npz path; finished samples are written there atomically
-            after every batch, and a rerun with the same settings resumes from it. The file
-            records a hash of the settings and of localvol's source files
-            (:func:`localvol.code_version.source_hash`): one written with other settings, another
-            cost or another version of the code raises ValueError instead of being resumed.
+            after every batch, and a rerun with the same settings resumes from it, with the
+            same result bit for bit as a run never interrupted. The file records a hash of the
+            settings and of localvol's source files (:func:`localvol.code_version.source_hash`):
+            one written with other settings, another cost or another version of the code
+            raises ValueError instead of being resumed.
+        block_size: samples per block (:class:`VolumeRun`); the search's first guesses come
+            from the block's own earlier batches and the pilot, so the result does not depend
+            on how blocks are spread over processes (:mod:`localvol.distributed`).
 
     Returns:
         VolumeEstimate (log_volume in nats; +inf for Lebesgue with an unbounded direction).
@@ -249,96 +216,174 @@ def estimate_log_volume(
         and warned about under either prior.
 
     Raises:
-        ValueError: cutoff ≤ 0 or NaN, n_samples < 1, bad rtol/batch_size/max_radius, anchor
-            not a finite 1-D float32/64 tensor, wrong prior or preconditioner size, a cost
-            not finite at the anchor or below it along a ray, radius-search failures.
+        ValueError: cutoff ≤ 0 or NaN, n_samples < 1, bad rtol/batch_size/block_size/max_radius,
+            anchor not a finite 1-D float32/64 tensor, wrong prior or preconditioner size, a
+            cost not finite at the anchor or below it along a ray, radius-search failures.
     """
-    t_start = time.perf_counter()
-    cutoff, rtol, _ = _check_search_args(cutoff, rtol, 1.0)
-    if (isinstance(n_samples, bool) or not isinstance(n_samples, (int, float, np.integer, np.floating))
-            or not math.isfinite(n_samples) or int(n_samples) != n_samples or n_samples < 1):
-        raise ValueError(f"n_samples must be an integer ≥ 1, got {n_samples!r}")
-    n_samples = int(n_samples)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
-    if not isinstance(anchor, torch.Tensor) or anchor.ndim != 1 or anchor.dtype not in (torch.float32, torch.float64):
-        raise ValueError(
-            f"anchor must be a 1-D float32/float64 tensor, got "
-            f"{type(anchor).__name__} {getattr(anchor, 'dtype', '')} {tuple(getattr(anchor, 'shape', ()))}"
-        )
-    anchor = anchor.detach()
-    anchor_norm = math.sqrt(float(row_dot64(anchor)))  # float64: finite iff every entry is
-    if not math.isfinite(anchor_norm):
-        raise ValueError("anchor has non-finite entries" if not torch.isfinite(anchor).all()
-                         else "anchor's norm overflows float64")
-    if not isinstance(prior, (GaussianPrior, LebesguePrior)):
-        raise ValueError(f"prior must be GaussianPrior or LebesguePrior, got {prior!r}")
-    n = anchor.numel()
-    if preconditioner is not None and getattr(preconditioner, "n", n) != n:
-        raise ValueError(f"preconditioner is for {preconditioner.n} parameters but the anchor has {n}")
-    if batch_size is None:
-        batch_size = default_batch_size(n_samples, n)
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    batch_size = int(batch_size)
-    if isinstance(prior, GaussianPrior):  # anchor-only quantities: computed once
-        inv_var = prior._inv_var(anchor)  # validates sigma's length
-        log_ray_constant = prior.log_ray_constant(anchor)
-        log_prior_at_anchor = prior.log_density_at(anchor)
-        default_max = anchor_norm + prior.sigma_max * (math.sqrt(n) + 50.0)
-    else:
-        inv_var = log_ray_constant = log_prior_at_anchor = None
-        default_max = 1e8
-    max_radius = default_max if max_radius is None else max_radius
-    _check_search_args(cutoff, rtol, max_radius)
-
-    fields = ("samples", "radii", "cost_at_radius", "direction_norms", "evaluations", "multipliers")
-    store = {f: np.full(n_samples, np.nan) for f in fields}
-    done = np.zeros(n_samples, bool)
-    anchor_cost = evaluate_anchor_cost(cost, anchor)
-    cost_evals = 1
-    fingerprint = probe = None
+    run = VolumeRun(cost, anchor, cutoff=cutoff, n_samples=n_samples, prior=prior,
+                    preconditioner=preconditioner, rtol=rtol, batch_size=batch_size, seed=seed,
+                    max_radius=max_radius, block_size=block_size,
+                    resumable=checkpoint_path is not None)
     if checkpoint_path is not None:
-        fingerprint = _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius)
-        probe = _cost_probe(cost, anchor, anchor_cost, seed)
-        cost_evals += 3 + _load_checkpoint(checkpoint_path, fingerprint, probe, store, done)
-    todo = np.flatnonzero(~done)
-    first = min(len(todo), 16, batch_size)  # a small pilot batch calibrates the first guesses
-    batches = [todo[:first]] + [todo[s : s + batch_size] for s in range(first, len(todo), batch_size)]
-    # directions u and points θ0 + m v: (B, N) each, allocated once for all batches
-    buffers = torch.empty(2, max(map(len, batches)), n, dtype=anchor.dtype, device=anchor.device)
-    bar = tqdm(total=n_samples, initial=int(done.sum()), disable=not progress, desc="local volume", unit="dir")
-    for idx in batches:
-        if len(idx) == 0:
-            continue
-        u = sample_directions(n, idx, seed=seed, dtype=anchor.dtype, device=anchor.device,
+        run.load(checkpoint_path)
+    run.run(save_to=checkpoint_path, progress=progress)
+    return run.result()
+
+
+class VolumeRun:
+    """One estimate of :func:`estimate_log_volume`, split into blocks that can be computed in
+    any order, by any process, and resumed from progress files.
+
+    Samples 0..k−1 are cut into blocks of ``block_size`` consecutive indices, and each block
+    into batches of ``batch_size`` directions on a fixed schedule. The radius search of a batch
+    starts from the median radius (per unit |v|) of the *pilot* (the first min(k, 16,
+    batch_size) samples, block 0's first batch, searched from a default guess) and of the
+    block's earlier batches. So every sample depends only on the settings and its block, never
+    on which other blocks were computed before it, by which process, or whether the run was
+    interrupted: any split of the blocks over processes gives the same samples bit for bit
+    (on one device type, with the same number of threads per process where a cost's float
+    operations depend on it). With k ≤ block_size this is the schedule of a single pass.
+
+    Use: ``run = VolumeRun(cost, anchor, ...)``; ``run.load(path)`` for every progress file to
+    resume from; ``run.run(blocks, save_to=path)``; ``run.result()`` once every sample is done.
+    Arguments as :func:`estimate_log_volume`; ``resumable``: the run will load or save progress
+    files (three cost evaluations near the anchor fingerprint the cost, counted in
+    ``cost_evaluations``).
+    """
+
+    def __init__(self, cost, anchor, *, cutoff, n_samples, prior, preconditioner=None,
+                 rtol=1e-2, batch_size=None, seed=0, max_radius=None, block_size=BLOCK_SIZE,
+                 resumable=False):
+        self.t_start = time.perf_counter()
+        cutoff, rtol, _ = _check_search_args(cutoff, rtol, 1.0)
+        n_samples = _check_count(n_samples, "n_samples", "an integer ≥ 1")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
+        if not isinstance(anchor, torch.Tensor) or anchor.ndim != 1 or anchor.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"anchor must be a 1-D float32/float64 tensor, got "
+                f"{type(anchor).__name__} {getattr(anchor, 'dtype', '')} {tuple(getattr(anchor, 'shape', ()))}"
+            )
+        anchor = anchor.detach()
+        anchor_norm = math.sqrt(float(row_dot64(anchor)))  # float64: finite iff every entry is
+        if not math.isfinite(anchor_norm):
+            raise ValueError("anchor has non-finite entries" if not torch.isfinite(anchor).all()
+                             else "anchor's norm overflows float64")
+        if not isinstance(prior, (GaussianPrior, LebesguePrior)):
+            raise ValueError(f"prior must be GaussianPrior or LebesguePrior, got {prior!r}")
+        n = anchor.numel()
+        if preconditioner is not None and getattr(preconditioner, "n", n) != n:
+            raise ValueError(f"preconditioner is for {preconditioner.n} parameters but the anchor has {n}")
+        if batch_size is None:
+            batch_size = default_batch_size(n_samples, n)
+        batch_size = _check_count(batch_size, "batch_size", "a positive integer")
+        block_size = _check_count(block_size, "block_size", "a positive integer")
+        if isinstance(prior, GaussianPrior):  # anchor-only quantities: computed once
+            self.inv_var = prior._inv_var(anchor)  # validates sigma's length
+            self.log_ray_constant = prior.log_ray_constant(anchor)
+            self.log_prior_at_anchor = prior.log_density_at(anchor)
+            default_max = anchor_norm + prior.sigma_max * (math.sqrt(n) + 50.0)
+        else:
+            self.inv_var = self.log_ray_constant = self.log_prior_at_anchor = None
+            default_max = 1e8
+        max_radius = default_max if max_radius is None else max_radius
+        _check_search_args(cutoff, rtol, max_radius)
+        self.cost, self.anchor, self.anchor_norm, self.n = cost, anchor, anchor_norm, n
+        self.cutoff, self.n_samples, self.prior, self.preconditioner = cutoff, n_samples, prior, preconditioner
+        self.rtol, self.batch_size, self.seed, self.max_radius = rtol, batch_size, seed, max_radius
+        self.block_size = block_size
+        self.pilot = np.arange(min(n_samples, PILOT_SIZE, batch_size, block_size))
+        self.schedule = _schedule(n_samples, batch_size, block_size, len(self.pilot))
+        self.store = {f: np.full(n_samples, np.nan) for f in _FIELDS}
+        self.done = np.zeros(n_samples, bool)
+        self.anchor_cost = evaluate_anchor_cost(cost, anchor)
+        self.fingerprint = self.probe = None
+        if resumable:
+            self.fingerprint = fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner,
+                                           max_radius, n_samples, batch_size, block_size)
+            self.probe = cost_probe(cost, anchor, self.anchor_cost, seed)
+        self._buffers = None
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.schedule)
+
+    def load(self, path) -> bool:
+        """Take the finished samples of a progress file (written by :meth:`run` with the same
+        settings, cost and code); False if the file does not exist. Raises ValueError for a
+        file of other settings, another cost or code, or one that cannot be read."""
+        if self.fingerprint is None:
+            raise ValueError("a VolumeRun made with resumable=False cannot load progress files")
+        return load_progress(path, self.fingerprint, self.probe, self.store, self.done)
+
+    def run(self, blocks=None, *, save_to=None, progress=True) -> None:
+        """Compute the unfinished samples of ``blocks`` (block numbers; default all), batch by
+        batch, writing the store to ``save_to`` (atomically) after every batch."""
+        blocks = range(self.n_blocks) if blocks is None else list(blocks)
+        if save_to is not None and self.fingerprint is None:
+            raise ValueError("a VolumeRun made with resumable=False cannot save progress files")
+        mine = [batch for b in blocks for batch in self.schedule[b]]
+        total = sum(len(batch) for batch in mine)
+        finished = sum(int(self.done[batch].sum()) for batch in mine)
+        bar = tqdm(total=total, initial=finished, disable=not progress, desc="local volume", unit="dir")
+        for b in blocks:
+            start = int(self.schedule[b][0][0])
+            for batch in self.schedule[b]:
+                if self.done[batch].all():
+                    continue
+                if not self.done[self.pilot].all():  # (another block's pilot: searched here too)
+                    self._search(self.pilot, None)
+                    self._save(save_to)
+                    if b == 0:  # block 0's first batch is the pilot
+                        bar.update(len(self.pilot))
+                        continue
+                guide = np.union1d(self.pilot, np.arange(start, int(batch[0])))
+                self._search(batch, guide)
+                self._save(save_to)
+                bar.update(len(batch))
+        bar.close()
+
+    def _save(self, path) -> None:
+        if path is not None:
+            save_progress(path, self.fingerprint, self.probe, self.store, self.done)
+
+    def _search(self, idx, guide) -> None:
+        """Radii and log terms of samples ``idx``, first guesses from the samples ``guide``."""
+        n, anchor, prior = self.n, self.anchor, self.prior
+        if self._buffers is None or self._buffers.shape[1] < len(idx):
+            # directions u and points θ0 + m v: (B, N) each, allocated once for all batches
+            width = max(len(batch) for blocks in self.schedule for batch in blocks)
+            self._buffers = torch.empty(2, width, n, dtype=anchor.dtype, device=anchor.device)
+        buffers = self._buffers
+        u = sample_directions(n, idx, seed=self.seed, dtype=anchor.dtype, device=anchor.device,
                               out=buffers[0, : len(idx)])  # (B, N)
-        if preconditioner is None:
+        if self.preconditioner is None:
             v = u
         else:  # |u| first: a preconditioner may work in place on u
             log_u_norm = _ray_sums(u, anchor, None)[0]
-            v = preconditioner.apply(u)  # (B, N)
+            v = self.preconditioner.apply(u)  # (B, N)
             if not isinstance(v, torch.Tensor) or v.shape != u.shape:
                 raise ValueError(f"preconditioner.apply returned {_describe(v)} for directions of "
                                  f"shape {tuple(u.shape)}; it must return the same shape")
         # the search runs along v in the anchor's dtype; the prior's coefficients use v as the
         # preconditioner returned it (float64 for a float32 anchor, say), as they always have
         v_search = v.to(anchor.device, anchor.dtype)
-        log_v_norm, v_norm, a, b = _ray_sums(v_search, anchor, inv_var, coefficients_of=v)
-        if preconditioner is None:
+        log_v_norm, v_norm, a, b = _ray_sums(v_search, anchor, self.inv_var, coefficients_of=v)
+        if self.preconditioner is None:
             log_u_norm = log_v_norm
         v = v_search
-        guess = _initial_radii(store, done, v_norm)
+        guess = None if guide is None else _initial_radii(self.store["multipliers"][guide], v_norm)
         if guess is None:
-            guess = 1e-3 * max(anchor_norm, 1.0)  # find_radius's own default, without its anchor pass
+            guess = 1e-3 * max(self.anchor_norm, 1.0)  # find_radius's own default, without its anchor pass
         res = find_radius(
-            cost, anchor, v, cutoff=cutoff, rtol=rtol, max_radius=max_radius,
-            initial_radius=guess, anchor_cost=anchor_cost, first_index=int(idx[0]),
+            self.cost, anchor, v, cutoff=self.cutoff, rtol=self.rtol, max_radius=self.max_radius,
+            initial_radius=guess, anchor_cost=self.anchor_cost, first_index=int(idx[0]),
             direction_norms=v_norm, points_buffer=buffers[1],
         )
+        store = self.store
         if isinstance(prior, GaussianPrior):
             store["samples"][idx] = prior.log_terms_from_coefficients(
-                n, log_ray_constant, a, b, res.multiplier, log_u_norm)
+                n, self.log_ray_constant, a, b, res.multiplier, log_u_norm)
         else:
             store["samples"][idx] = prior.log_terms(anchor, v, res.multiplier, log_u_norm)
         store["radii"][idx] = res.radius
@@ -346,43 +391,76 @@ def estimate_log_volume(
         store["direction_norms"][idx] = res.direction_norms / np.exp(log_u_norm)
         store["evaluations"][idx] = res.evaluations
         store["multipliers"][idx] = res.multiplier
-        done[idx] = True
-        cost_evals += int(res.evaluations.sum())
-        if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, fingerprint, probe, store, done, cost_evals)
-        bar.update(len(idx))
-    bar.close()
+        self.done[idx] = True
 
-    samples = store["samples"]
-    n_unbounded = int(np.isinf(store["radii"]).sum())
-    if n_unbounded:
-        consequence = ("the neighbourhood has infinite Lebesgue volume" if isinstance(prior, LebesguePrior)
-                       else "their whole rays count: the cost never reaches the cutoff along them "
-                            "(a cutoff above the cost's range, or a cost that does not bound the "
-                            "neighbourhood)")
-        warnings.warn(
-            f"{n_unbounded} of {n_samples} directions stay below the cutoff up to "
-            f"max_radius = {max_radius:g}: {consequence}"
+    def result(self) -> VolumeEstimate:
+        """The estimate of all k samples. ``cost_evaluations`` counts what one uninterrupted
+        process needs (the anchor, the three probe points of a resumable run, every sample's
+        search), not work repeated by resuming or by processes sharing blocks.
+
+        Raises ValueError naming the unfinished samples."""
+        _check_done(self.done, np.arange(self.n_samples))
+        store, n_samples = self.store, self.n_samples
+        samples = store["samples"]
+        n_unbounded = int(np.isinf(store["radii"]).sum())
+        if n_unbounded:
+            consequence = ("the neighbourhood has infinite Lebesgue volume" if isinstance(self.prior, LebesguePrior)
+                           else "their whole rays count: the cost never reaches the cutoff along them "
+                                "(a cutoff above the cost's range, or a cost that does not bound the "
+                                "neighbourhood)")
+            warnings.warn(
+                f"{n_unbounded} of {n_samples} directions stay below the cutoff up to "
+                f"max_radius = {self.max_radius:g}: {consequence}"
+            )
+        evaluations = store["evaluations"].astype(np.int64)
+        return VolumeEstimate(
+            log_volume=float(logsumexp(samples) - math.log(n_samples)),
+            samples=samples,
+            radii=store["radii"],
+            cost_at_radius=store["cost_at_radius"],
+            direction_norms=store["direction_norms"],
+            evaluations=evaluations,
+            cost_evaluations=1 + (3 if self.fingerprint is not None else 0) + int(evaluations.sum()),
+            log_prior_at_anchor=self.log_prior_at_anchor,
+            n_params=self.n,
+            cutoff=self.cutoff,
+            rtol=self.rtol,
+            seed=self.seed,
+            prior=repr(self.prior),
+            preconditioner=repr(self.preconditioner) if self.preconditioner is not None else "naive",
+            preconditioner_is_identity=_is_identity(self.preconditioner),
+            n_unbounded=n_unbounded,
+            wall_time_s=time.perf_counter() - self.t_start,
         )
-    return VolumeEstimate(
-        log_volume=float(logsumexp(samples) - math.log(n_samples)),
-        samples=samples,
-        radii=store["radii"],
-        cost_at_radius=store["cost_at_radius"],
-        direction_norms=store["direction_norms"],
-        evaluations=store["evaluations"].astype(np.int64),
-        cost_evaluations=cost_evals,
-        log_prior_at_anchor=log_prior_at_anchor,
-        n_params=n,
-        cutoff=cutoff,
-        rtol=rtol,
-        seed=seed,
-        prior=repr(prior),
-        preconditioner=repr(preconditioner) if preconditioner is not None else "naive",
-        preconditioner_is_identity=_is_identity(preconditioner),
-        n_unbounded=n_unbounded,
-        wall_time_s=time.perf_counter() - t_start,
-    )
+
+
+_FIELDS = ("samples", "radii", "cost_at_radius", "direction_norms", "evaluations", "multipliers")
+
+
+def _schedule(n_samples: int, batch_size: int, block_size: int, pilot: int) -> list[list[np.ndarray]]:
+    """Per block, its batches of sample indices: block 0 starts with the pilot [0, pilot)."""
+    blocks = []
+    for start in range(0, n_samples, block_size):
+        stop = min(start + block_size, n_samples)
+        first = start + pilot if start == 0 else start
+        batches = [np.arange(0, pilot)] if start == 0 else []
+        batches += [np.arange(s, min(s + batch_size, stop)) for s in range(first, stop, batch_size)]
+        blocks.append(batches)
+    return blocks
+
+
+def _check_count(value, name: str, what: str) -> int:
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not math.isfinite(value) or int(value) != value or value < 1):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def _check_done(done, idx) -> None:
+    missing = np.asarray(idx)[~done[idx]]
+    if missing.size:
+        raise ValueError(f"{missing.size} samples are not finished (first: {missing[:5].tolist()}); "
+                         "run the blocks that hold them")
 
 
 def _is_identity(preconditioner) -> bool:
@@ -397,10 +475,9 @@ def _is_identity(preconditioner) -> bool:
     return bool(torch.all(torch.abs(torch.as_tensor(scales).double().log()) < 1e-12))
 
 
-def _initial_radii(store, done, v_norm):
-    """Median radius per unit |v| of finished finite samples, times |v_i| (None if none yet)."""
-    m = store["multipliers"][done]
-    m = m[np.isfinite(m)]
+def _initial_radii(multipliers, v_norm):
+    """Median of the finite ``multipliers`` (radius per unit |v|) times |v_i| (None if none)."""
+    m = multipliers[np.isfinite(multipliers)]
     if m.size == 0:
         return None
     return float(np.median(m)) * v_norm
@@ -430,68 +507,3 @@ def _ray_sums(v, anchor, inv_var, coefficients_of=None):
     sums = [x.cpu().numpy() for x in row_dots64(*terms)]
     a, b = (sums[1], -sums[2]) if inv_var is not None else (None, None)
     return 0.5 * np.log(sums[0]), np.sqrt(sums[0]), a, b
-
-
-def _fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner, max_radius) -> str:
-    """Hash of everything a checkpoint's samples depend on, except the cost (see _cost_probe)."""
-    a = anchor.detach()
-    parts = [source_hash(), a.numel(), checksum64(a), float(row_dot64(a)), cutoff, rtol, seed, repr(prior), max_radius]
-    if preconditioner is not None:
-        parts.append(repr(preconditioner))
-        for name in ("scales", "eigenvectors"):
-            value = getattr(preconditioner, name, None)
-            parts.append(None if value is None else checksum64(value))
-    if isinstance(prior, GaussianPrior) and not isinstance(prior.sigma, float):
-        parts.append(checksum64(prior.sigma))
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
-
-
-def _cost_probe(cost, anchor, anchor_cost, seed) -> np.ndarray:
-    """The cost at three fixed points near the anchor: a checkpoint written with another cost
-    (another model or data set) does not match and is refused."""
-    d = sample_directions(anchor.numel(), [2**31 - 1], seed=seed, dtype=anchor.dtype, device=anchor.device)[0]
-    scale = max(float(row_dot64(anchor).sqrt()), 1.0)
-    radii = torch.tensor([1e-3, 1e-2, 1e-1], dtype=anchor.dtype, device=anchor.device) * scale
-    with torch.no_grad():
-        values = cost(anchor[None] + radii[:, None] * d[None])
-    return torch.as_tensor(values).detach().double().cpu().numpy().reshape(-1) - anchor_cost
-
-
-def _load_checkpoint(path, fingerprint, probe, store, done) -> int:
-    """Fill store/done from a matching checkpoint; returns the cost evaluations it recorded."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    try:
-        f = np.load(path, allow_pickle=False)
-        _ = f["fingerprint"], f["probe"], f["done"]
-    except Exception as err:  # truncated, corrupted or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read ({err!r}); delete it to start afresh") from None
-    with f:
-        if str(f["fingerprint"]) != fingerprint:
-            raise ValueError(
-                f"checkpoint {path} was written with different settings (anchor, cutoff, rtol, seed, "
-                "prior or preconditioner) or by another version of localvol (its source files "
-                "differ); delete it or pass another checkpoint_path"
-            )
-        if not np.allclose(f["probe"], probe, rtol=1e-4, atol=1e-12, equal_nan=True):
-            raise ValueError(
-                f"checkpoint {path} was written with a different cost (its values near the anchor "
-                f"differ: {f['probe']} vs {probe}); delete it or pass another checkpoint_path"
-            )
-        saved_done = f["done"]
-        k = min(len(saved_done), len(done))
-        keep = saved_done[:k]
-        for name in store:
-            store[name][:k][keep] = f[name][:k][keep]
-        done[:k] = keep
-        return int(f["cost_evaluations"])
-
-
-def _save_checkpoint(path, fingerprint, probe, store, done, cost_evals) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, fingerprint=np.array(fingerprint), probe=probe, done=done,
-             cost_evaluations=np.array(cost_evals), **store)
-    os.replace(tmp, path)
