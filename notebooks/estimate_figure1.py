@@ -24,6 +24,7 @@ cutoff: float = 1.0e-2  # nats of mean KL on the held-out images
 sigma: float = 1.3975424859373686  # prior std (not variance): 1/sqrt(l2 · n_train)
 rtol: float = 1.0e-2  # relative tolerance of the cost at each radius
 seed: int = 42  # directions: sample i depends only on (seed, i)
+processes: int = 1  # processes on this machine (scale.processes): torchrun ranks, one per GPU or CPU ranks; same results for any number
 n_samples_naive: int = 10000  # k of the naive estimate
 n_samples_preconditioned: int = 3000  # k of each preconditioned estimate
 batch_size: int = 256  # directions per cost call
@@ -46,8 +47,9 @@ P = notebook_setup(globals())  # checks the parameters above; runs from the repo
 
 # %%
 from replication.mlp import estimate
+from replication.scale import run_stage
 
-summary = estimate.figure1_stage(**P)
+summary = run_stage(estimate.figure1_stage, P)  # replication.scale
 
 # %%
 from replication.sweep import summary_table

@@ -24,6 +24,7 @@ data_batch_size: int = 2  # documents per forward pass (memory)
 direction_batch_size: int = 8  # directions per cost call (memory)
 rtol: float = 1e-2  # relative tolerance of the cost at each radius
 seed: int = 0  # directions: sample i depends only on (seed, i)
+processes: int = 1  # processes on this machine (scale.processes): torchrun ranks, one per GPU or CPU ranks; same results for any number
 exponent: float = 0.5  # Adam ν preconditioner p ∝ 1/(ν^exponent + ε)
 adam_source: str = "optimizer_state"  # "optimizer_state" or "squared_gradients"
 raw_checkpoint_dir: str = ""  # GPT-NeoX/DeepSpeed global_step{N}/ folders ("" for none)
@@ -44,8 +45,9 @@ P = notebook_setup(globals())  # checks the parameters above; runs from the repo
 
 # %%
 from replication.pythia import estimate
+from replication.scale import run_stage
 
-summary = estimate.figure2_stage(**P)
+summary = run_stage(estimate.figure2_stage, P)  # replication.scale
 
 # %%
 from replication.sweep import summary_table

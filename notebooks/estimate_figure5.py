@@ -22,6 +22,7 @@ direction_batch_size: int = 4  # directions per cost call
 vectorize: bool = False  # vmap the directions of a call (True on GPU; False is faster on CPU)
 rtol: float = 1e-2  # relative tolerance of the cost at each radius
 seed: int = 0  # directions: sample i depends only on (seed, i)
+processes: int = 1  # processes on this machine (scale.processes): torchrun ranks, one per GPU or CPU ranks; same results for any number
 exponent: float = 0.5  # Adam ν preconditioner p ∝ 1/(ν^exponent + ε)
 float64_below: float = 1e-5  # cutoffs below this (nats) use a float64 copy of the network
 device: str = "auto"  # "auto" (CUDA when available, else CPU), "cuda" (required) or "cpu"
@@ -36,8 +37,9 @@ P = notebook_setup(globals())  # checks the parameters above; runs from the repo
 
 # %%
 from replication.convnext import estimate
+from replication.scale import run_stage
 
-summary = estimate.figure5_stage(**P)
+summary = run_stage(estimate.figure5_stage, P)  # replication.scale
 
 # %%
 from replication.sweep import summary_table

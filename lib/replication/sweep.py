@@ -31,10 +31,12 @@ import torch
 
 import localvol
 from localvol._reduce import checksum64
+from localvol.distributed import barrier, rank_and_world, shard_paths
+from localvol.estimator import BLOCK_SIZE
 from localvol.code_version import source_hash
 from replication.pipeline.files import save_npz_atomic, write_json_atomic, write_timings
 
-__all__ = ["Unit", "Point", "Sweep", "run_sweep", "write_sweep", "summary_table", "summary_metrics",
+__all__ = ["Unit", "Point", "Sweep", "ShardsDone", "sweep_blocks", "run_sweep", "write_sweep", "summary_table", "summary_metrics",
            "check_counts", "check_cutoffs", "parameter_sha256", "check_distinct_steps",
            "time_cost_call", "code_version"]
 
@@ -102,6 +104,23 @@ def code_version() -> str:
     return hashlib.sha256((source_hash() + source_hash(_REPLICATION)).encode()).hexdigest()
 
 
+class ShardsDone(Exception):
+    """Raised by :func:`run_sweep` on every rank of a multi-process job once all ranks' blocks
+    are in the progress shards; :func:`replication.scale.run_stage` then calls the stage again
+    in its own process, which finds every sample finished and merges them."""
+
+
+def sweep_blocks(units: Iterable[Unit], world: int) -> list[dict[str, list[int]]]:
+    """Per rank, the blocks of each unit it computes: the (unit, block) pairs in sweep order
+    (blocks of :data:`localvol.estimator.BLOCK_SIZE` samples) dealt out round robin, so one
+    long unit and many short ones both spread over all ranks."""
+    pairs = [(u.key, b) for u in units for b in range(math.ceil(u.n_samples / BLOCK_SIZE))]
+    shares: list[dict[str, list[int]]] = [{} for _ in range(world)]
+    for i, (key, block) in enumerate(pairs):
+        shares[i % world].setdefault(key, []).append(block)
+    return shares
+
+
 def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rtol: float,
               seed: int, batch_size: int, exponent: float, progress_dir: str | Path,
               salt: tuple = (), progress: bool = True) -> Sweep:
@@ -114,10 +133,16 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
         rtol, seed, batch_size: as :func:`localvol.estimate_log_volume` (batch = directions per
             cost call); direction i of every unit depends only on (seed, i).
         exponent: the preconditioners' p ∝ 1/(|s|^exponent + ε).
-        progress_dir: folder of resumable progress files, one per unit. A file's name hashes the
+        progress_dir: folder of resumable progress, a subfolder of shards per unit
+            (``shard-{rank}.npz``, :mod:`localvol.distributed`). A subfolder's name hashes the
             unit, the anchor, the preconditioner, ``salt`` (what else the cost depends on: the
             evaluation data, the device) and :func:`code_version`, so changed settings or code
             start afresh instead of resuming stale samples. :func:`write_sweep` deletes it.
+
+    In a job of W > 1 ranks (``torchrun``, :mod:`replication.scale`) each rank computes its
+    share of the blocks (:func:`sweep_blocks`), loading only the checkpoints it needs; the
+    ranks meet at a barrier and :class:`ShardsDone` is raised: the merge is a rerun in one
+    process, which finds every sample finished. The records are the same for any W.
 
     Returns:
         :class:`Sweep`. Raises ValueError for duplicate keys (and whatever the estimator raises).
@@ -126,14 +151,19 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
     keys = [u.key for u in units]
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate unit keys: {sorted({k for k in keys if keys.count(k) > 1})}")
+    rank, world = rank_and_world()
+    mine = sweep_blocks(units, world)[rank]
     sweep = Sweep()
     t_start = time.perf_counter()
     for checkpoint in dict.fromkeys(u.checkpoint for u in units):
+        todo = [u for u in units if u.checkpoint == checkpoint and u.key in mine]
+        if not todo:
+            continue
         point = load(checkpoint)
         if "kl_evaluation_s" not in sweep.timings:
             sweep.timings["kl_evaluation_s"] = time_cost_call(point.cost, point.anchor[None])
         precise = None
-        for unit in (u for u in units if u.checkpoint == checkpoint):
+        for unit in todo:
             cost, anchor = point.cost, point.anchor
             if unit.float64:
                 if point.float64 is None:
@@ -144,19 +174,29 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
             if unit.preconditioner != "naive":
                 precond = point.preconditioner(unit.preconditioner, unit.eps, exponent, anchor.dtype)
             _run_unit(sweep, unit, point, cost, anchor, precond, prior=prior, rtol=rtol, seed=seed,
-                      batch_size=batch_size, progress_dir=progress_dir, salt=salt, progress=progress)
+                      batch_size=batch_size, progress_dir=progress_dir, salt=salt, progress=progress,
+                      blocks=mine[unit.key], rank=rank, world=world)
     sweep.timings["wall_time_s"] = time.perf_counter() - t_start
+    if world > 1:
+        barrier()
+        raise ShardsDone(f"rank {rank} of {world}: blocks written to {progress_dir}")
     return sweep
 
 
 def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, batch_size,
-              progress_dir, salt, progress) -> None:
-    path = Path(progress_dir) / _progress_name(unit, anchor, precond, prior, rtol, seed, salt)
+              progress_dir, salt, progress, blocks, rank, world) -> None:
+    folder = Path(progress_dir) / _progress_name(unit, anchor, precond, prior, rtol, seed,
+                                                 batch_size, salt)
     t0 = time.perf_counter()
-    est = localvol.estimate_log_volume(
-        cost, anchor, cutoff=unit.cutoff, n_samples=unit.n_samples, prior=prior,
-        preconditioner=precond, rtol=rtol, batch_size=batch_size, seed=seed, progress=progress,
-        checkpoint_path=path)
+    run = localvol.VolumeRun(cost, anchor, cutoff=unit.cutoff, n_samples=unit.n_samples,
+                             prior=prior, preconditioner=precond, rtol=rtol,
+                             batch_size=batch_size, seed=seed, resumable=True)
+    for path in shard_paths(folder):
+        run.load(path)
+    run.run(blocks, save_to=folder / f"shard-{rank}.npz", progress=progress)
+    if world > 1:
+        return  # merged by a rerun in one process
+    est = run.result()
     record = est.to_dict()
     record.update({"key": unit.key, "checkpoint": unit.checkpoint, "series": unit.series,
                    "preconditioner_name": unit.preconditioner, "eps": unit.eps,
@@ -176,12 +216,12 @@ def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, b
               f"{seconds / unit.n_samples:.3g} s/sample", flush=True)
 
 
-def _progress_name(unit: Unit, anchor, precond, prior, rtol, seed, salt) -> str:
+def _progress_name(unit: Unit, anchor, precond, prior, rtol, seed, batch_size, salt) -> str:
     parts = (code_version(), unit.key, unit.checkpoint, unit.cutoff, unit.n_samples, unit.eps,
              unit.preconditioner, str(anchor.dtype), anchor.numel(), checksum64(anchor),
              repr(precond), None if precond is None else checksum64(precond.scales),
-             repr(prior), rtol, seed, salt)
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16] + ".npz"
+             repr(prior), rtol, seed, batch_size, BLOCK_SIZE, salt)
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 def write_sweep(sweep: Sweep, *, config: dict, estimates_path: str | Path,

@@ -106,10 +106,11 @@ def test_dvc_yaml_structure():
     for name in STAGES:
         stage = dvc["stages"][name]
         assert stage["cmd"].startswith(f"python -m replication.pipeline run {name} notebooks/{name}.py")
-        # code dependencies are folders (or the shared sweep module), never module hand lists
+        # code dependencies are folders (or the shared sweep and scale modules), never module hand lists
         code = [d for d in stage["deps"] if d.startswith("lib/")]
         assert {"lib/localvol", "lib/replication/pipeline", "lib/replication/sweep.py"} <= set(code)
-        assert all(not d.endswith(".py") or d.endswith(("sweep.py", "__init__.py")) for d in code), code
+        assert all(not d.endswith(".py") or d.endswith(("sweep.py", "scale.py", "__init__.py"))
+                   for d in code), code
         keys = stage["params"]
         assert keys and all(isinstance(k, str) and k.count(".") == 1 for k in keys), \
             f"{name}: list single keys (section.key), not whole sections"

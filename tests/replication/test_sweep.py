@@ -95,7 +95,7 @@ def test_write_sweep_writes_the_files_and_leaves_no_progress(tmp_path):
     units = [Unit("a", "a", "naive", "naive", 0.05, 5)]
     sweep = run_sweep(units, load, prior=lv.GaussianPrior(2.0), rtol=1e-3, seed=0, batch_size=2,
                       exponent=0.5, progress_dir=progress, progress=False)
-    assert list(progress.glob("*.npz"))  # resume state while running
+    assert list(progress.glob("*/shard-0.npz"))  # resume state while running
     summary = write_sweep(sweep, config={"k": 5}, estimates_path=tmp_path / "e.json",
                           samples_path=tmp_path / "s.npz", metrics_path=tmp_path / "m.json",
                           progress_dir=progress, extra={"note": "x"})

@@ -114,7 +114,7 @@ def test_stage_resume_files_from_other_code_are_not_reused(package_copy, tmp_pat
     before = _run(package_copy, "records", tmp_path / "clean")
     assert len(before) == 12
     assert _run(package_copy, "records-interrupted", tmp_path / "progress") == "interrupted"
-    assert list((tmp_path / "progress").glob("*.npz")), "the interrupted run left no progress file"
+    assert list((tmp_path / "progress").glob("*/shard-0.npz")), "the interrupted run left no progress file"
     _edit_code(package_copy)
     after = _run(package_copy, "records", tmp_path / "progress")
     np.testing.assert_allclose(np.asarray(after) - np.asarray(before), math.log(2), rtol=0, atol=1e-9)
