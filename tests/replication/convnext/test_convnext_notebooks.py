@@ -52,7 +52,9 @@ def test_notebooks_have_the_stage_layout():
         assert nb.cells[0].source.startswith("# ") and f"`{stage}`" in nb.cells[0].source
         assert nb.cells[1].metadata["tags"] == ["parameters"]
         assert "P = notebook_setup(globals())" in nb.cells[2].source
-        assert "(**P)" in nb.cells[3].source
+        call = (f"run_stage(estimate.{stage[len('estimate_'):]}_stage, P)" if stage.startswith("estimate")
+                else "(**P)")
+        assert call in nb.cells[3].source, stage  # estimates through replication.scale
         comments = [line.split("#", 1)[1] for line in nb.cells[1].source.splitlines() if "#" in line]
         assert not any("=" in c for c in comments), stage
 
