@@ -41,10 +41,12 @@ _GLOO: dict = {}
 
 
 def init(timeout_s: float = 1800.0) -> torch.device:
-    """Join the job torchrun launched (its RANK, WORLD_SIZE, MASTER_ADDR... variables) and
-    return this rank's device: ``cuda:LOCAL_RANK`` when CUDA is present (NCCL), else the CPU
-    (gloo). Without those variables (a plain ``python`` run) nothing is initialised: one rank.
-    ``timeout_s``: how long a collective waits for the other ranks."""
+    """Join the job torchrun launched (its RANK, WORLD_SIZE, MASTER_ADDR... variables) with the
+    gloo backend and return this rank's device: ``cuda:LOCAL_RANK`` (modulo the GPUs present)
+    when CUDA is present, else the CPU. The estimate exchanges no tensors, only one barrier, so
+    gloo serves GPUs too, and several ranks may share one GPU (NCCL refuses that). Without those
+    variables (a plain ``python`` run) nothing is initialised: one rank. ``timeout_s``: how
+    long the barrier waits for the other ranks."""
     device = local_device()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         if device.type == "cuda":
@@ -54,8 +56,7 @@ def init(timeout_s: float = 1800.0) -> torch.device:
         # torchrun keeps its store across restarts: keys of the failed attempt (its ranks'
         # addresses) would be read back, so each attempt works under its own prefix
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                store=dist.PrefixStore(f"localvol/attempt{attempt}/", store),
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"localvol/attempt{attempt}/", store),
                                 rank=rank, world_size=world, timeout=timeout)
     return device
 
