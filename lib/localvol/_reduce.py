@@ -8,6 +8,7 @@ import torch
 
 _CHUNK = 1 << 22  # checksum64's chunk (its value is part of resume-file fingerprints)
 _CACHE_ELEMENTS = 1 << 17  # row_dots64 reads blocks of about this many elements (fastest on a 2-core x86 VM)
+_RUN = 1 << 10  # elements summed in order before their sums are added (_sum_last)
 
 
 def row_dots64(*terms) -> list[torch.Tensor]:
@@ -57,13 +58,25 @@ def row_dots64(*terms) -> list[torch.Tensor]:
 
 
 def _dot(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product of float64 blocks, (B, W) or (W,) each, broadcast over rows.
+    """Row-wise dot product of float64 blocks, (B, W) or (W,) each, broadcast over rows."""
+    return _sum_last(xs * ys)
 
-    Row-wise reductions, not BLAS matrix-vector products: a BLAS gemv splits its sum over
-    threads, so its last bits would depend on the thread count."""
-    if xs.ndim == 2 and ys.ndim == 2:
-        return torch.linalg.vecdot(xs, ys)
-    return (xs * ys).sum(-1)
+
+def _sum_last(p: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis in an order that does not depend on the thread count.
+
+    A large reduction to few outputs (a BLAS gemv or dot, or ``sum`` of a long vector) is split
+    over threads, so its last bits depend on how many there are, and with them resume-file
+    fingerprints and the per-sample terms. Here runs of :data:`_RUN` consecutive elements are
+    summed first (many outputs: each run by one thread), then the few run sums in order.
+    """
+    width = p.shape[-1]
+    cut = width - width % _RUN
+    total = p[..., cut:].sum(-1)
+    if cut:
+        runs = p[..., :cut].reshape(*p.shape[:-1], cut // _RUN, _RUN).sum(-1)
+        total = runs.sum(-1) + total
+    return total
 
 
 def row_dot64(x: torch.Tensor, y: torch.Tensor | None = None, weight=None) -> torch.Tensor:
@@ -78,7 +91,8 @@ def row_dot64(x: torch.Tensor, y: torch.Tensor | None = None, weight=None) -> to
 def checksum64(x: torch.Tensor) -> float:
     """Σ_j x_j w_j over the flattened tensor with fixed irrational weights w_j = frac(j φ) − ½.
 
-    A cheap fingerprint of a long vector (order-sensitive, unlike a plain sum), chunked.
+    A cheap fingerprint of a long vector (order-sensitive, unlike a plain sum), chunked, the same
+    whatever the thread count (processes of one job must agree on it).
     """
     flat = x.detach().reshape(-1)
     total = 0.0
@@ -86,5 +100,5 @@ def checksum64(x: torch.Tensor) -> float:
         chunk = flat[s : s + _CHUNK].double()
         j = torch.arange(s, s + chunk.numel(), device=chunk.device, dtype=torch.float64)
         w = torch.frac(j * 0.6180339887498949) - 0.5
-        total += float((chunk * w).sum())
+        total += float(_sum_last(chunk * w))
     return total

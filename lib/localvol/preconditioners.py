@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from ._reduce import _sum_last
+
 __all__ = [
     "DiagonalPreconditioner",
     "MatrixPreconditioner",
@@ -57,7 +59,8 @@ def unit_determinant_scales(values: torch.Tensor, eps: float, exponent: float = 
             f"preconditioner scale 1/(|s|^{exponent} + {eps}) is not finite and positive at index {i} "
             f"(s = {values[i].item()!r}); use eps > 0"
         )
-    return torch.exp(log_p - log_p.mean())
+    # the mean in a fixed order: every process of a sharded run gets the same scales
+    return torch.exp(log_p - _sum_last(log_p) / log_p.numel())
 
 
 class _UnitDeterminant:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._reduce import row_dot64, row_dots64
+from ._reduce import _sum_last, row_dot64, row_dots64
 from .ray_integral import log_gaussian_ray_integral, log_unit_ball_volume, log_unit_sphere_area
 
 __all__ = ["GaussianPrior", "LebesguePrior"]
@@ -76,7 +76,8 @@ class GaussianPrior:
         """log of the density at the origin: −(N/2) log 2π − Σ log σ_j (nats)."""
         if isinstance(self.sigma, float):
             return -0.5 * n * math.log(2 * math.pi) - n * math.log(self.sigma)
-        return float(-0.5 * n * math.log(2 * math.pi) - torch.log(self.sigma.double()).sum())
+        log_sigma = torch.log(self.sigma.double().reshape(-1))
+        return float(-0.5 * n * math.log(2 * math.pi) - _sum_last(log_sigma))  # thread-independent
 
     def ray_coefficients(self, anchor: torch.Tensor, directions: torch.Tensor):
         """a_i = Σ d_ij²/σ_j², b_i = −Σ d_ij θ0_j/σ_j² for each row d_i of ``directions``.

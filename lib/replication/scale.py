@@ -46,13 +46,21 @@ def run_stage(stage: Callable[..., Any], params: dict[str, Any], *,
 
     Returns:
         What ``stage`` returns. Raises ValueError for a bad process count, RuntimeError with
-        the end of torchrun's output when a rank fails.
+        the end of torchrun's output when a rank fails, and RuntimeError when the merge finds
+        samples missing from the shards (this process and the ranks disagree on a unit).
     """
+    from replication.sweep import MERGE_ONLY
+
     params = dict(params)
     processes = check_processes(params.pop(processes_key, 1))
-    if processes > 1:
-        _launch(stage, params, processes)
-    return stage(**params)
+    if processes == 1:
+        return stage(**params)
+    _launch(stage, params, processes)
+    token = MERGE_ONLY.set(True)  # every sample is in the shards: merge, compute nothing
+    try:
+        return stage(**params)
+    finally:
+        MERGE_ONLY.reset(token)
 
 
 def _launch(stage, params: dict, processes: int) -> None:

@@ -17,6 +17,7 @@ rerun must write the same bytes); those go to the stage's ``*.timings.json``.
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import math
 import shutil
@@ -102,6 +103,11 @@ class Sweep:
 def code_version() -> str:
     """Hash of the estimator's and this package's source files (keys every progress file)."""
     return hashlib.sha256((source_hash() + source_hash(_REPLICATION)).encode()).hexdigest()
+
+
+MERGE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("merge_only", default=False)
+"""True while :func:`replication.scale.run_stage` merges what its ranks computed: a unit with
+samples missing from the shards is then an error, never recomputed here."""
 
 
 class ShardsDone(Exception):
@@ -193,6 +199,12 @@ def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, b
                              batch_size=batch_size, seed=seed, resumable=True)
     for path in shard_paths(folder):
         run.load(path)
+    if MERGE_ONLY.get() and not run.done.all():
+        raise RuntimeError(
+            f"{unit.key}: {int((~run.done).sum())} of {unit.n_samples} samples are not in the "
+            f"shards of {folder} although every rank finished: the ranks and this process "
+            "disagree on the unit's settings or anchor (thread-dependent sums, another device?); "
+            "rerun with scale.processes: 1")
     run.run(blocks, save_to=folder / f"shard-{rank}.npz", progress=progress)
     if world > 1:
         return  # merged by a rerun in one process

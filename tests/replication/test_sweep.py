@@ -111,3 +111,27 @@ def test_write_sweep_writes_the_files_and_leaves_no_progress(tmp_path):
     assert "wall_time_s" in json.loads(timings_path(tmp_path / "e.json").read_text())
     table = summary_table(sweep.records, columns=("series",))
     assert list(table["key"]) == ["a"] and table["series"][0] == "naive"
+
+
+def test_a_merge_with_samples_missing_from_the_shards_is_an_error(tmp_path):
+    """After replication.scale's ranks finish, the stage's own process only merges: a unit
+    whose samples are not all in the shards raises instead of being recomputed here."""
+    from replication.sweep import MERGE_ONLY
+
+    load, _ = _points([])
+    units = [Unit("a", "a", "naive", "naive", 0.05, 5)]
+    kw = dict(prior=lv.GaussianPrior(2.0), rtol=1e-3, seed=0, batch_size=2, exponent=0.5,
+              progress_dir=tmp_path, progress=False)
+    token = MERGE_ONLY.set(True)
+    try:
+        with pytest.raises(RuntimeError, match=r"a: 5 of 5 samples are not in the shards"):
+            run_sweep(units, load, **kw)
+    finally:
+        MERGE_ONLY.reset(token)
+    first = run_sweep(units, load, **kw)  # computes and leaves its shards
+    token = MERGE_ONLY.set(True)
+    try:
+        merged = run_sweep(units, load, **kw)
+    finally:
+        MERGE_ONLY.reset(token)
+    assert merged.records == first.records

@@ -184,14 +184,20 @@ def test_figure1_stage_rejects_bad_settings_before_reading_files(change, message
 
 
 @pytest.mark.slow
-def test_figure1_stage_on_two_and_three_processes_writes_the_same_results(tiny, tmp_path):
+def test_figure1_stage_on_two_and_three_processes_writes_the_same_results(tiny, tmp_path, monkeypatch):
     """replication.scale.run_stage: torchrun ranks (CPU, gloo) compute the (unit, block) pairs,
     the stage merges their shards; the records and per-sample arrays do not depend on the
     number of ranks."""
+    from localvol import VolumeRun
     from replication.scale import run_stage
 
+    searched = []  # directions this process searches: none when the ranks did it all
+    search = VolumeRun._search
+    monkeypatch.setattr(VolumeRun, "_search", lambda self, idx, guide: (
+        searched.extend(idx.tolist()), search(self, idx, guide))[1])
     outputs = {}
     for processes in (1, 2, 3):
+        searched.clear()
         root = tmp_path / f"p{processes}"
         out = {k: str(root / v) for k, v in {
             "estimates_path": "e.json", "metrics_path": "m.json", "samples_path": "s.npz",
@@ -203,6 +209,7 @@ def test_figure1_stage_on_two_and_three_processes_writes_the_same_results(tiny, 
             preconditioners={"nu": {"kind": "adam_nu", "eps": 1e-3}}, progress=False,
             processes=processes)
         run_stage(estimate.figure1_stage, params)
+        assert len(searched) == (305 if processes == 1 else 0), processes  # ranks searched the rest
         with np.load(root / "s.npz") as z:
             arrays = {k: z[k] for k in z.files}
         outputs[processes] = (json.loads((root / "e.json").read_text()), arrays)
