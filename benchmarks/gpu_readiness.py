@@ -16,8 +16,8 @@ It measures, on ``--device`` (default cuda):
   4. ConvNeXt V2 Atto (3.4 M parameters): training throughput (images/s, bf16 autocast,
      batch 128, 32 × 32 images) and seconds per sample of a naive estimate on 1,024 images;
   5. the launcher end to end: the naive float32 LM estimate again under ``torchrun
-     --nproc-per-node=2`` on the same GPU (two ranks share it; gloo barrier), checked equal to
-     the single-process estimate bit for bit.
+     --nproc-per-node=2`` on the same GPU (two ranks share it; blocks of 16 samples, so both
+     ranks compute some), checked equal to the single-process estimate bit for bit.
 
 Run:   python benchmarks/gpu_readiness.py --out gpu_report.json
 CPU smoke test (tiny shapes, seconds):  python benchmarks/gpu_readiness.py --device cpu --smoke
@@ -130,13 +130,13 @@ def lm_cost(model, ids, bf16):
     return bf16_forward
 
 
-def estimate_row(cost, anchor, prior, preconditioner, *, k, batch, seed=0):
+def estimate_row(cost, anchor, prior, preconditioner, *, k, batch, seed=0, block=lv.estimator.BLOCK_SIZE):
     device = anchor.device
     sync(device)
     t0 = time.perf_counter()
     est = lv.estimate_log_volume(cost, anchor, cutoff=1e-2, n_samples=k, prior=prior,
                                  preconditioner=preconditioner, batch_size=batch, seed=seed,
-                                 progress=False)
+                                 block_size=block, progress=False)
     sync(device)
     seconds = time.perf_counter() - t0
     return est, {"seconds_per_sample": seconds / k, "evaluations_per_sample": float(np.mean(est.evaluations)),
@@ -234,7 +234,8 @@ def rank_worker(out, args):
     est = distributed.estimate_log_volume_distributed(
         lv.ExpectedKL(model, ids, batch_size=ids.shape[0]), anchor,
         shard_dir=Path(out).parent / "shards", cutoff=1e-2, n_samples=args.k,
-        prior=lv.GaussianPrior(sigma), batch_size=args.batch, seed=0, progress=False)
+        prior=lv.GaussianPrior(sigma), batch_size=args.batch, seed=0, block_size=args.block,
+        progress=False)
     if distributed.rank_and_world()[0] == 0:
         np.savez(out, samples=est.samples)
 
@@ -247,11 +248,14 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--batch", type=int, default=8, help="directions per cost call")
     p.add_argument("--max-batch", type=int, default=256, help="largest batch tried")
+    p.add_argument("--block", type=int, default=16,
+                   help="samples per block (k / block blocks: both ranks get some)")
     p.add_argument("--ranks-timeout", type=int, default=240)
     p.add_argument("--rank-worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.k, args.batch, args.max_batch = min(args.k, 8), min(args.batch, 4), min(args.max_batch, 8)
+        args.block = min(args.block, 2)
     if args.rank_worker:
         return rank_worker(args.rank_worker, args)
     device = torch.device(args.device)
@@ -260,7 +264,7 @@ def main(argv=None):
     report = {"torch": torch.__version__, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "scipy_stand_in": SCIPY_STAND_IN, "smoke": args.smoke, "k": args.k,
-              "direction_batch": args.batch}
+              "direction_batch": args.batch, "block_size": args.block}
     t_start = time.perf_counter()
     model, ids, nu = language_model(device, args.smoke)
     import transformers
@@ -275,7 +279,8 @@ def main(argv=None):
         seconds, value = timed(lambda: cost(anchor[None]), device)
         row = {"kl_evaluation_s": seconds, "kl_at_anchor": float(value[0])}
         for precond_name, precond in (("naive", None), ("adam_nu", adam)):
-            est, row[precond_name] = estimate_row(cost, anchor, prior, precond, k=args.k, batch=args.batch)
+            est, row[precond_name] = estimate_row(cost, anchor, prior, precond, k=args.k,
+                                                  batch=args.batch, block=args.block)
             if not bf16 and precond is None:
                 report["_naive_fp32_samples"] = est.samples.tolist()
         if device.type == "cuda":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +61,12 @@ def load_progress(path, fingerprint, probe, store, done) -> bool:
             raise ValueError(
                 f"checkpoint {path} was written with different settings (anchor, cutoff, rtol, seed, "
                 "prior, preconditioner, k, batch or block size) or by another version of localvol (its source files "
-                "differ); delete it or pass another checkpoint_path"
+                "differ); delete it (or its folder) to start afresh"
             )
         if not np.allclose(f["probe"], probe, rtol=1e-4, atol=1e-12, equal_nan=True):
             raise ValueError(
                 f"checkpoint {path} was written with a different cost (its values near the anchor "
-                f"differ: {f['probe']} vs {probe}); delete it or pass another checkpoint_path"
+                f"differ: {f['probe']} vs {probe}); delete it (or its folder) to start afresh"
             )
         saved = f["done"]
         if saved.shape != done.shape:
@@ -80,6 +81,11 @@ def save_progress(path, fingerprint, probe, store, done) -> None:
     """Write store/done atomically (a temporary file, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, fingerprint=np.array(fingerprint), probe=probe, done=done, **store)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:  # a temporary name of its own: two writers never share one
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, fingerprint=np.array(fingerprint), probe=probe, done=done, **store)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

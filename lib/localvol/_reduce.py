@@ -65,18 +65,18 @@ def _dot(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
 def _sum_last(p: torch.Tensor) -> torch.Tensor:
     """Sum over the last axis in an order that does not depend on the thread count.
 
-    A large reduction to few outputs (a BLAS gemv or dot, or ``sum`` of a long vector) is split
-    over threads, so its last bits depend on how many there are, and with them resume-file
-    fingerprints and the per-sample terms. Here runs of :data:`_RUN` consecutive elements are
-    summed first (many outputs: each run by one thread), then the few run sums in order.
+    PyTorch splits a large reduction over threads when it has a single output (as BLAS splits a
+    gemv or dot), so its last bits depend on how many threads there are, and with them
+    resume-file fingerprints and per-sample terms. Here runs of :data:`_RUN` consecutive
+    elements are summed (many outputs, each summed by one thread), and the run sums again in
+    runs, until at most :data:`_RUN` values are left: every partial sum covers a fixed range.
     """
-    width = p.shape[-1]
-    cut = width - width % _RUN
-    total = p[..., cut:].sum(-1)
-    if cut:
+    while p.shape[-1] > _RUN:
+        width = p.shape[-1]
+        cut = width - width % _RUN
         runs = p[..., :cut].reshape(*p.shape[:-1], cut // _RUN, _RUN).sum(-1)
-        total = runs.sum(-1) + total
-    return total
+        p = torch.cat([runs, p[..., cut:].sum(-1, keepdim=True)], dim=-1)
+    return p.sum(-1)
 
 
 def row_dot64(x: torch.Tensor, y: torch.Tensor | None = None, weight=None) -> torch.Tensor:

@@ -6,10 +6,12 @@ to the ranks (block b to rank b mod W) and the merged estimate is the same, bit 
 any number of ranks W (on one device type, with the same threads per process). Each rank writes
 its own progress file, ``shard-{rank}.npz`` in ``shard_dir``, after every batch; a rank killed
 and restarted (``torchrun --max-restarts``, or a plain rerun with any W) resumes from every
-shard in the folder, so no finished sample is lost and none is computed twice. Shards written
+shard in the folder, so no finished sample is lost, and only the at most 16 pilot directions
+(which every rank needs) are searched again by a rank that does not hold them. Shards written
 with other settings, another cost or another version of localvol are refused (ValueError), never
-merged. The ranks meet once, at a barrier on a gloo group (no NCCL collective, no gathering of
-objects): after it each rank reads every shard and returns the whole estimate.
+merged. The ranks exchange no tensors and call no collective: a rank that has finished its
+blocks reads the shards every few seconds until every sample is in them, then returns the whole
+estimate (so a slow rank never trips a collective's timeout).
 
 Launch (one process per GPU; CPU ranks when CUDA is absent)::
 
@@ -18,12 +20,13 @@ Launch (one process per GPU; CPU ranks when CUDA is absent)::
 
 where ``my_estimate.py`` calls :func:`init` and :func:`estimate_log_volume_distributed`
 (README.md, "Many processes"). A rank that fails ends the job: torchrun stops the other ranks
-(waiting at the barrier) and reports the failing rank's error.
+(waiting for its shards) and reports the failing rank's error.
 """
 from __future__ import annotations
 
 import os
 import re
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,20 +36,19 @@ from torch.distributed.rendezvous import rendezvous
 
 from .estimator import BLOCK_SIZE, VolumeEstimate, VolumeRun
 
-__all__ = ["init", "rank_and_world", "local_device", "barrier", "shard_paths",
+__all__ = ["init", "rank_and_world", "local_device", "shard_paths", "wait_for_shards",
            "estimate_log_volume_distributed"]
 
 _SHARD = re.compile(r"shard-(\d+)\.npz")
-_GLOO: dict = {}
 
 
 def init(timeout_s: float = 1800.0) -> torch.device:
     """Join the job torchrun launched (its RANK, WORLD_SIZE, MASTER_ADDR... variables) with the
     gloo backend and return this rank's device: ``cuda:LOCAL_RANK`` (modulo the GPUs present)
-    when CUDA is present, else the CPU. The estimate exchanges no tensors, only one barrier, so
-    gloo serves GPUs too, and several ranks may share one GPU (NCCL refuses that). Without those
+    when CUDA is present, else the CPU. The estimate exchanges nothing through the process
+    group, so gloo serves GPUs too, and several ranks may share one GPU (NCCL refuses that). Without those
     variables (a plain ``python`` run) nothing is initialised: one rank. ``timeout_s``: how
-    long the barrier waits for the other ranks."""
+    long a collective of the user's own would wait (the estimate calls none)."""
     device = local_device()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         if device.type == "cuda":
@@ -62,10 +64,13 @@ def init(timeout_s: float = 1800.0) -> torch.device:
 
 
 def rank_and_world(group=None) -> tuple[int, int]:
-    """(rank, world size) in ``group`` (default: the whole job), (0, 1) outside one."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    """(rank, world size): in ``group`` (default: the whole job) when torch.distributed is
+    initialised, else from torchrun's RANK and WORLD_SIZE variables, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
 
 
 def local_device() -> torch.device:
@@ -73,20 +78,6 @@ def local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def barrier(group=None) -> None:
-    """Wait for every rank of ``group`` on a gloo group (created once; CPU-only, so NCCL is
-    never used to synchronise); nothing outside a distributed job."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_backend(group) != "gloo":
-        key = id(group)
-        if key not in _GLOO:
-            ranks = None if group is None else dist.get_process_group_ranks(group)
-            _GLOO[key] = dist.new_group(ranks, backend="gloo")
-        group = _GLOO[key]
-    dist.barrier(group)
 
 
 def shard_paths(shard_dir) -> list[Path]:
@@ -97,33 +88,64 @@ def shard_paths(shard_dir) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _SHARD.fullmatch(p.name))
 
 
+def wait_for_shards(run: VolumeRun, shard_dir, *, poll_s: float = 2.0,
+                    timeout_s: float | None = None) -> None:
+    """Load the shards of ``shard_dir`` into ``run`` every ``poll_s`` seconds until every
+    sample is done. A shard that cannot be loaded is retried at the next poll; the third
+    failure in a row raises its ValueError (a shard of other settings, say). Raises TimeoutError after ``timeout_s`` (None: wait as long as the job lives; torchrun
+    stops the ranks when one fails)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failures: dict[Path, int] = {}
+    while True:
+        for path in shard_paths(shard_dir):
+            try:
+                run.load(path)
+                failures.pop(path, None)
+            except ValueError:  # caught mid-replacement (a network file system), or foreign
+                failures[path] = failures.get(path, 0) + 1
+                if failures[path] >= 3:
+                    raise
+        if run.done.all():
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            missing = int((~run.done).sum())
+            raise TimeoutError(f"{missing} samples still missing from the shards of {shard_dir} "
+                               f"after {timeout_s} s")
+        time.sleep(poll_s)
+
+
 def estimate_log_volume_distributed(cost, anchor: torch.Tensor, *, shard_dir, cutoff: float,
                                     n_samples: int, prior, preconditioner=None,
                                     rtol: float = 1e-2, batch_size: int | None = None,
                                     seed: int = 0, progress: bool = True,
                                     max_radius: float | None = None,
-                                    block_size: int = BLOCK_SIZE, group=None) -> VolumeEstimate:
-    """:func:`localvol.estimate_log_volume` with its blocks spread over the ranks of ``group``.
+                                    block_size: int = BLOCK_SIZE, group=None,
+                                    timeout_s: float | None = None) -> VolumeEstimate:
+    """:func:`localvol.estimate_log_volume` with its blocks spread over the ranks of the job.
 
     Every rank calls it with the same arguments (its own copy of the cost and anchor, on its
     device). Rank r computes blocks r, r + W, ... (blocks of ``block_size`` samples; block 0's
     first batch, the pilot, guides every block, so a rank without block 0 also searches those
-    at most 16 directions), saving ``shard_dir/shard-{r}.npz`` after every batch; then all
-    ranks meet at a gloo barrier and each returns the estimate merged from every shard.
+    at most 16 directions), saving ``shard_dir/shard-{r}.npz`` after every batch; then it
+    waits until the shards hold every sample (:func:`wait_for_shards`) and returns the merged
+    estimate.
 
     Args:
         shard_dir: folder for the shards, on a file system every rank sees (one folder per
             estimate; delete it once the result is kept). Shards already there are resumed.
-        group: the process group (default: the whole job; none: one process).
+        group: the process group giving rank and world size (default: the whole job, or
+            torchrun's RANK and WORLD_SIZE; neither: one process).
+        timeout_s: how long a finished rank waits for the others' shards (None: no limit).
         Others: as :func:`localvol.estimate_log_volume` (``progress``: rank 0's bar only).
 
     Returns:
         The same :class:`~localvol.VolumeEstimate` on every rank, equal bit for bit to a
-        single-process run with the same ``block_size`` (``wall_time_s`` aside).
+        single-process run with the same ``block_size`` (``wall_time_s`` aside) when every
+        process runs on the same device type with the same number of threads.
 
     Raises:
         ValueError: as :func:`localvol.estimate_log_volume`; a shard of other settings, cost or
-            code (delete ``shard_dir`` to start afresh).
+            code (delete ``shard_dir`` to start afresh). TimeoutError: see ``timeout_s``.
     """
     rank, world = rank_and_world(group)
     run = VolumeRun(cost, anchor, cutoff=cutoff, n_samples=n_samples, prior=prior,
@@ -133,7 +155,5 @@ def estimate_log_volume_distributed(cost, anchor: torch.Tensor, *, shard_dir, cu
         run.load(path)
     run.run(range(rank, run.n_blocks, world), save_to=Path(shard_dir) / f"shard-{rank}.npz",
             progress=progress and rank == 0)
-    barrier(group)
-    for path in shard_paths(shard_dir):
-        run.load(path)
+    wait_for_shards(run, shard_dir, timeout_s=timeout_s)
     return run.result()

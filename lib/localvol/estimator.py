@@ -326,18 +326,19 @@ class VolumeRun:
         total = sum(len(batch) for batch in mine)
         finished = sum(int(self.done[batch].sum()) for batch in mine)
         bar = tqdm(total=total, initial=finished, disable=not progress, desc="local volume", unit="dir")
+        if finished < total and not self.done[self.pilot].all():
+            # the pilot guides every block: searched first (here too when block 0 is elsewhere)
+            self._search(self.pilot, None)
+            self._save(save_to)
+            if 0 in blocks:
+                bar.update(len(self.pilot))
         for b in blocks:
             start = int(self.schedule[b][0][0])
             for batch in self.schedule[b]:
                 if self.done[batch].all():
                     continue
-                if not self.done[self.pilot].all():  # (another block's pilot: searched here too)
-                    self._search(self.pilot, None)
-                    self._save(save_to)
-                    if b == 0:  # block 0's first batch is the pilot
-                        bar.update(len(self.pilot))
-                        continue
                 guide = np.union1d(self.pilot, np.arange(start, int(batch[0])))
+                _check_done(self.done, guide)  # earlier batches of the block come first
                 self._search(batch, guide)
                 self._save(save_to)
                 bar.update(len(batch))

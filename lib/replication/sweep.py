@@ -32,7 +32,7 @@ import torch
 
 import localvol
 from localvol._reduce import checksum64
-from localvol.distributed import barrier, rank_and_world, shard_paths
+from localvol.distributed import rank_and_world, shard_paths
 from localvol.estimator import BLOCK_SIZE
 from localvol.code_version import source_hash
 from replication.pipeline.files import save_npz_atomic, write_json_atomic, write_timings
@@ -108,6 +108,12 @@ def code_version() -> str:
 MERGE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("merge_only", default=False)
 """True while :func:`replication.scale.run_stage` merges what its ranks computed: a unit with
 samples missing from the shards is then an error, never recomputed here."""
+COMPUTE_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("compute_threads",
+                                                                           default=None)
+"""Threads for the radius searches of a rank (set by :mod:`replication.scale`'s ranks). The
+ranks prepare each checkpoint (its anchor, σ, curvature: what keys the shards) with the thread
+count of the process that merges, so both compute those bits alike; only the searches run on
+the rank's share of the cores."""
 
 
 class ShardsDone(Exception):
@@ -146,9 +152,11 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
             start afresh instead of resuming stale samples. :func:`write_sweep` deletes it.
 
     In a job of W > 1 ranks (``torchrun``, :mod:`replication.scale`) each rank computes its
-    share of the blocks (:func:`sweep_blocks`), loading only the checkpoints it needs; the
-    ranks meet at a barrier and :class:`ShardsDone` is raised: the merge is a rerun in one
-    process, which finds every sample finished. The records are the same for any W.
+    share of the blocks (:func:`sweep_blocks`), loading only the checkpoints it needs, then
+    raises :class:`ShardsDone`: the merge is a rerun in one process once every rank has exited
+    (:data:`MERGE_ONLY`), which finds every sample finished. The records are the same for any
+    W > 1, and within float rounding the same as with one process (docs: README.md, "Many
+    processes").
 
     Returns:
         :class:`Sweep`. Raises ValueError for duplicate keys (and whatever the estimator raises).
@@ -183,8 +191,9 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
                       batch_size=batch_size, progress_dir=progress_dir, salt=salt, progress=progress,
                       blocks=mine[unit.key], rank=rank, world=world)
     sweep.timings["wall_time_s"] = time.perf_counter() - t_start
-    if world > 1:
-        barrier()
+    if MERGE_ONLY.get():  # the searches ran in the ranks: these are merge times
+        sweep.timings = {"merged_from_ranks": True, **sweep.timings}
+    if world > 1:  # no barrier: run_stage merges once torchrun has seen every rank exit
         raise ShardsDone(f"rank {rank} of {world}: blocks written to {progress_dir}")
     return sweep
 
@@ -205,7 +214,14 @@ def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, b
             f"shards of {folder} although every rank finished: the ranks and this process "
             "disagree on the unit's settings or anchor (thread-dependent sums, another device?); "
             "rerun with scale.processes: 1")
-    run.run(blocks, save_to=folder / f"shard-{rank}.npz", progress=progress)
+    threads = COMPUTE_THREADS.get()
+    setup_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        run.run(blocks, save_to=folder / f"shard-{rank}.npz", progress=progress and rank == 0)
+    finally:
+        torch.set_num_threads(setup_threads)
     if world > 1:
         return  # merged by a rerun in one process
     est = run.result()

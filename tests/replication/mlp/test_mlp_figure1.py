@@ -206,10 +206,11 @@ def test_figure1_stage_on_two_and_three_processes_writes_the_same_results(tiny, 
             data_dir=str(tiny / "data"), split_path=str(tiny / "split.npz"),
             model_dir=str(tiny / "model"), **out, cutoff=1e-2, sigma=1.4, rtol=1e-2, seed=0,
             n_samples_naive=300, n_samples_preconditioned=5, batch_size=16, exponent=0.5,
-            preconditioners={"nu": {"kind": "adam_nu", "eps": 1e-3}}, progress=False,
-            processes=processes)
+            preconditioners={"nu": {"kind": "adam_nu", "eps": 1e-3},
+                             "h": {"kind": "hessian", "eps": 1e-2}},  # eigh in every rank
+            progress=False, processes=processes)
         run_stage(estimate.figure1_stage, params)
-        assert len(searched) == (305 if processes == 1 else 0), processes  # ranks searched the rest
+        assert len(searched) == (310 if processes == 1 else 0), processes  # ranks searched the rest
         with np.load(root / "s.npz") as z:
             arrays = {k: z[k] for k in z.files}
         outputs[processes] = (json.loads((root / "e.json").read_text()), arrays)
