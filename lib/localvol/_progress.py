@@ -71,6 +71,12 @@ def load_progress(path, fingerprint, probe, store, done) -> bool:
         saved = f["done"]
         if saved.shape != done.shape:
             raise ValueError(f"checkpoint {path} holds {saved.size} samples, not {done.size}")
+        both = saved & done
+        if both.any() and not np.array_equal(f["samples"][both], store["samples"][both]):
+            raise ValueError(
+                f"checkpoint {path} holds samples that differ from the same samples already "
+                "loaded or computed: processes of one estimate disagree (another device model, "
+                "or a cost that is not deterministic); delete the folder to start afresh")
         for name in store:
             store[name][saved] = f[name][saved]
         done |= saved

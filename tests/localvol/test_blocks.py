@@ -85,3 +85,17 @@ def test_unfinished_samples_and_foreign_progress_files_are_errors(tmp_path):
         other.load(tmp_path / "p.npz")
     with pytest.raises(ValueError, match="resumable=False"):
         lv.VolumeRun(cost, center, **kw).load(tmp_path / "p.npz")
+
+
+def test_shards_that_disagree_on_a_sample_are_refused(tmp_path):
+    cost, center, kw = _setup()
+    run = lv.VolumeRun(cost, center, resumable=True, **kw)
+    run.run([0], save_to=tmp_path / "a.npz", progress=False)
+    with np.load(tmp_path / "a.npz") as f:
+        data = {k: f[k] for k in f.files}
+    data["samples"][1] += 1e-9  # what a process with another device model might write
+    np.savez(tmp_path / "b.npz", **data)
+    merged = lv.VolumeRun(cost, center, resumable=True, **kw)
+    assert merged.load(tmp_path / "a.npz") and merged.load(tmp_path / "a.npz")  # same: fine
+    with pytest.raises(ValueError, match="differ from the same samples"):
+        merged.load(tmp_path / "b.npz")
