@@ -126,8 +126,11 @@ def test_dvc_yaml_structure():
         f"figures/figure{n}_{e}.png" for n, e in
         [(1, "mlp"), (2, "pythia"), (3, "convnext"), (4, "pythia"), (5, "convnext"),
          (6, "pythia"), (7, "convnext")])
-    # params sections are named after their stages, except the two shared cost sections
-    assert set(params) - set(dvc["stages"]) == {"pythia_estimate", "convnext_estimate"}
+    # params sections are named after their stages, except the two shared cost sections and
+    # the process count of the seven estimate stages
+    assert set(params) - set(dvc["stages"]) == {"pythia_estimate", "convnext_estimate", "scale"}
+    assert {n for n, s in dvc["stages"].items() if "scale.processes" in s.get("params", [])} == {
+        f"estimate_figure{n}" for n in range(1, 8)}
     metrics = [m for s in dvc["stages"].values() for m in s.get("metrics", [])]
     assert len(metrics) == 9  # train_mlp, train_convnext and the seven estimate_figure stages
 
