@@ -39,6 +39,12 @@ preconditioners: dict[str, dict] = {  # name: {kind, eps}; kinds in replication.
     "hessian_e2": {"kind": "hessian", "eps": 1.0e-2},
     "hessian_e3": {"kind": "hessian", "eps": 1.0e-3},
 }
+selection: dict = {  # honest ε and exponent choice on pilot directions (n_pilot 0: off)
+    "n_pilot": 0,
+    "pilot_seed": 43,
+    "eps": [1.0e-3, 1.0e-2, 1.0e-1],
+    "exponents": [0.25, 0.5],
+}
 
 # %%
 from replication.pipeline import notebook_setup

@@ -6,7 +6,7 @@ Neural Network at Random". Main entry point: :func:`estimate_log_volume`; over m
 """
 from .adam import adam_moment
 from .costs import CrossEntropyCost, ExpectedKL, QuadraticCost
-from .curvature import hessian, hessian_diagonal, hesscale_diagonal
+from .curvature import hessian, hessian_diagonal, hesscale_diagonal, kl_hessian
 from .estimator import VolumeEstimate, VolumeRun, estimate_log_volume, sample_directions
 from .preconditioners import (
     DiagonalPreconditioner,
@@ -16,6 +16,7 @@ from .preconditioners import (
 )
 from .priors import GaussianPrior, LebesguePrior
 from .radius import RadiusResult, RadiusSearchError, find_radius
+from .selection import Selection, select_and_estimate
 from .ray_integral import log_gaussian_ray_integral, log_unit_ball_volume, log_unit_sphere_area
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "hessian",
     "hessian_diagonal",
     "hesscale_diagonal",
+    "kl_hessian",
     "VolumeEstimate",
     "VolumeRun",
     "estimate_log_volume",
@@ -39,6 +41,8 @@ __all__ = [
     "RadiusResult",
     "RadiusSearchError",
     "find_radius",
+    "Selection",
+    "select_and_estimate",
     "log_gaussian_ray_integral",
     "log_unit_ball_volume",
     "log_unit_sphere_area",

@@ -4,6 +4,9 @@
   Hessian-vector products: meant for small models such as the 4,810-parameter digits MLP
   (docs/experiments.md#figure-1), where the paper's code used ``jax.hessian``.
 - :func:`hessian_diagonal`: its exact diagonal (eq. 18), same compute, O(N · chunk) memory.
+- :func:`kl_hessian`: the same matrix for the KL cost of a classifier at its anchor, built from
+  the logits' Jacobian as the Fisher (Gauss-Newton) matrix: one Jacobian per data batch and one
+  matrix product instead of N Hessian-vector products (several times faster on the digits MLP).
 - :func:`hesscale_diagonal`: the HesScale approximation of that diagonal (Elsayed & Mahmood
   2022, arXiv:2210.11639) for a Sequential MLP, in one forward and one backward-like pass,
   as in the paper's notebook (docs/method.md#preconditioners).
@@ -17,9 +20,9 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.func import grad, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
-__all__ = ["hessian", "hessian_diagonal", "hesscale_diagonal"]
+__all__ = ["hessian", "hessian_diagonal", "kl_hessian", "hesscale_diagonal"]
 
 BatchedCost = Callable[[torch.Tensor], torch.Tensor]
 
@@ -132,6 +135,68 @@ def hessian_diagonal(cost: BatchedCost, anchor: torch.Tensor, *, chunk_size: int
     for rows, block in _hessian_rows(cost, anchor, chunk_size):
         diag[rows] = torch.diagonal(block, offset=rows.start)
     return diag
+
+
+def kl_hessian(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """Exact Hessian, at the anchor, of :class:`localvol.ExpectedKL` (mean over inputs of
+    KL(p_anchor ‖ p_θ)) for a classifier whose current parameters are the anchor.
+
+    At θ = θ0 the KL's Hessian is the Fisher information of the categorical output (the
+    Gauss-Newton matrix; the logits' own second derivatives are weighted by p − p0 = 0):
+
+        H = (1/n) Σ_x J_xᵀ (diag p_x − p_x p_xᵀ) J_x,   J_x = ∂logits(x)/∂θ  (C × N)
+
+    computed as AᵀA − GᵀG with A = √p_x ⊙ J_x stacked over x and classes, G_x = p_xᵀ J_x, from
+    one ``torch.func.jacrev`` per data batch. Equal to :func:`hessian` of the ExpectedKL up to
+    rounding (tested), in a fraction of its time for the digits MLP; O(N²) memory.
+
+    Args:
+        model: nn.Module mapping (b, ...) inputs to logits (b, C), C ≥ 2, float32/64
+            parameters of one dtype and device; evaluated in eval mode (modes restored).
+        inputs: (n, ...) tensor, n ≥ 1. batch_size: inputs per Jacobian (memory ≈ batch_size ×
+            C × N floats).
+
+    Returns:
+        (N, N) symmetric tensor in the parameters' dtype and device, nats per parameter unit²,
+        in ``parameters_to_vector(model.parameters())`` order.
+
+    Raises:
+        ValueError: no parameters, empty inputs, a batch_size < 1, or logits not (b, C ≥ 2).
+    """
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    if not params:
+        raise ValueError("model has no parameters")
+    if len(inputs) == 0:
+        raise ValueError("inputs is empty")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    first = next(iter(params.values()))
+    n_params = sum(p.numel() for p in params.values())
+    h = torch.zeros(n_params, n_params, dtype=first.dtype, device=first.device)  # (N, N)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+
+    def logits_of(p, x):
+        return functional_call(model, p, (x,))
+
+    try:
+        for start in range(0, len(inputs), batch_size):
+            x = inputs[start:start + batch_size]
+            with torch.no_grad():
+                logits = logits_of(params, x)
+            if logits.ndim != 2 or logits.shape[1] < 2:
+                raise ValueError(f"logits must be (b, C) with C ≥ 2, got {tuple(logits.shape)}")
+            prob = torch.softmax(logits, -1)  # (b, C)
+            jac = jacrev(logits_of)(params, x)  # name -> (b, C, *shape)
+            j = torch.cat([jac[name].reshape(*logits.shape, -1) for name in params], -1)  # (b, C, N)
+            a = (prob.sqrt()[..., None] * j).reshape(-1, n_params)  # (b·C, N)
+            g = torch.einsum("bc,bcn->bn", prob, j)  # (b, N)
+            h.addmm_(a.T, a).addmm_(g.T, g, alpha=-1.0)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    h /= len(inputs)
+    return 0.5 * (h + h.T)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,13 +32,14 @@ import torch
 
 import localvol
 from localvol._reduce import checksum64
-from localvol.distributed import rank_and_world, shard_paths
+from localvol.distributed import rank_and_world, shard_paths, wait_for_shards
 from localvol.estimator import BLOCK_SIZE
+from localvol.selection import choose
 from localvol.code_version import source_hash
 from replication.pipeline.files import save_npz_atomic, write_json_atomic, write_timings
 
 __all__ = ["Unit", "Point", "Sweep", "ShardsDone", "sweep_blocks", "run_sweep", "write_sweep", "summary_table", "summary_metrics",
-           "check_counts", "check_cutoffs", "parameter_sha256", "check_distinct_steps",
+           "pilot_grid", "choose_point", "check_counts", "check_cutoffs", "parameter_sha256", "check_distinct_steps",
            "time_cost_call", "code_version"]
 
 LN10 = math.log(10.0)
@@ -57,6 +58,8 @@ class Unit:
     cutoff: nats of the cost. n_samples: k. eps: the preconditioner's ε (None for naive).
     float64: evaluate this unit's cost and anchor in float64 (the point's ``float64`` copy).
     meta: extra JSON fields of the record (figure, step, run, ...).
+    seed, exponent: this unit's direction seed and preconditioner exponent, where they differ
+        from the sweep's (None: the sweep's), e.g. a pilot of :mod:`localvol.selection`.
     """
 
     key: str
@@ -68,6 +71,8 @@ class Unit:
     eps: float | None = None
     float64: bool = False
     meta: dict = field(default_factory=dict)
+    seed: int | None = None
+    exponent: float | None = None
 
 
 @dataclass
@@ -135,7 +140,7 @@ def sweep_blocks(units: Iterable[Unit], world: int) -> list[dict[str, list[int]]
 
 def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rtol: float,
               seed: int, batch_size: int, exponent: float, progress_dir: str | Path,
-              salt: tuple = (), progress: bool = True) -> Sweep:
+              salt: tuple = (), progress: bool = True, gather: bool = False) -> Sweep:
     """Run every unit, loading each checkpoint's :class:`Point` once (in order of first use).
 
     Args:
@@ -156,7 +161,9 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
     raises :class:`ShardsDone`: the merge is a rerun in one process once every rank has exited
     (:data:`MERGE_ONLY`), which finds every sample finished. The records are the same for any
     W > 1, and within float rounding the same as with one process (docs: README.md, "Many
-    processes").
+    processes"). With ``gather``, each rank instead waits for the other ranks' blocks of every
+    unit and returns the whole sweep, as one process would: for units whose results decide
+    what a stage runs next (a pilot that selects a preconditioner, :mod:`localvol.selection`).
 
     Returns:
         :class:`Sweep`. Raises ValueError for duplicate keys (and whatever the estimator raises).
@@ -170,7 +177,7 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
     sweep = Sweep()
     t_start = time.perf_counter()
     for checkpoint in dict.fromkeys(u.checkpoint for u in units):
-        todo = [u for u in units if u.checkpoint == checkpoint and u.key in mine]
+        todo = [u for u in units if u.checkpoint == checkpoint and (gather or u.key in mine)]
         if not todo:
             continue
         point = load(checkpoint)
@@ -186,20 +193,23 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
                 cost, anchor = precise
             precond = None
             if unit.preconditioner != "naive":
-                precond = point.preconditioner(unit.preconditioner, unit.eps, exponent, anchor.dtype)
-            _run_unit(sweep, unit, point, cost, anchor, precond, prior=prior, rtol=rtol, seed=seed,
-                      batch_size=batch_size, progress_dir=progress_dir, salt=salt, progress=progress,
-                      blocks=mine[unit.key], rank=rank, world=world)
+                precond = point.preconditioner(
+                    unit.preconditioner, unit.eps,
+                    exponent if unit.exponent is None else unit.exponent, anchor.dtype)
+            _run_unit(sweep, unit, point, cost, anchor, precond, prior=prior, rtol=rtol,
+                      seed=seed if unit.seed is None else unit.seed, batch_size=batch_size,
+                      progress_dir=progress_dir, salt=salt, progress=progress,
+                      blocks=mine.get(unit.key, []), rank=rank, world=world, gather=gather)
     sweep.timings["wall_time_s"] = time.perf_counter() - t_start
     if MERGE_ONLY.get():  # the searches ran in the ranks: these are merge times
         sweep.timings = {"merged_from_ranks": True, **sweep.timings}
-    if world > 1:  # no barrier: run_stage merges once torchrun has seen every rank exit
+    if world > 1 and not gather:  # no barrier: run_stage merges once torchrun has seen every rank exit
         raise ShardsDone(f"rank {rank} of {world}: blocks written to {progress_dir}")
     return sweep
 
 
 def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, batch_size,
-              progress_dir, salt, progress, blocks, rank, world) -> None:
+              progress_dir, salt, progress, blocks, rank, world, gather) -> None:
     folder = Path(progress_dir) / _progress_name(unit, anchor, precond, prior, rtol, seed,
                                                  batch_size, salt)
     t0 = time.perf_counter()
@@ -222,8 +232,10 @@ def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, b
         run.run(blocks, save_to=folder / f"shard-{rank}.npz", progress=progress and rank == 0)
     finally:
         torch.set_num_threads(setup_threads)
-    if world > 1:
+    if world > 1 and not gather:
         return  # merged by a rerun in one process
+    if world > 1:
+        wait_for_shards(run, folder)  # the other ranks' blocks of this unit
     est = run.result()
     record = est.to_dict()
     record.update({"key": unit.key, "checkpoint": unit.checkpoint, "series": unit.series,
@@ -295,6 +307,35 @@ def summary_table(records: dict[str, dict], columns: Iterable[str] = ()) -> pd.D
                      "max_sample_share": r["max_sample_share"],
                      "cost_evaluations_per_sample": r["cost_evaluations_per_sample"]})
     return pd.DataFrame(rows)
+
+
+def pilot_grid(key: str, checkpoint: str, kind: str, grid: list[tuple[float, float]], *,
+               cutoff: float, n_pilot: int, pilot_seed: int, meta: dict | None = None) -> list[Unit]:
+    """The pilot units of one preconditioner ``kind`` over a ``grid`` of (ε, exponent) points,
+    for an honest choice among them (:mod:`localvol.selection`, docs/method.md#honest-selection):
+    ``n_pilot`` directions of ``pilot_seed`` each (the same directions for every point), key
+    ``{key}/eps={ε:g},exponent={exponent:g}``. Run them with ``run_sweep(..., gather=True)``,
+    then :func:`choose_point`."""
+    return [Unit(key=f"{key}/eps={eps:g},exponent={x:g}", checkpoint=checkpoint,
+                 series=f"{key} pilot", preconditioner=kind, cutoff=cutoff, n_samples=n_pilot,
+                 eps=eps, exponent=x, seed=pilot_seed,
+                 meta={**(meta or {}), "exponent": x, "pilot": True})
+            for eps, x in grid]
+
+
+def choose_point(records: dict[str, dict], key: str, grid: list[tuple[float, float]]
+                 ) -> tuple[tuple[float, float], dict]:
+    """The grid point with the largest pilot aggregate among the records of
+    :func:`pilot_grid` (``key``) (:func:`localvol.selection.choose`: ties to the first), and a
+    JSON report: ``chosen`` {eps, exponent} and every ``candidates`` row (ε, exponent, pilot
+    log10 volume and largest sample, chosen)."""
+    by_point = {(eps, x): records[f"{key}/eps={eps:g},exponent={x:g}"] for eps, x in grid}
+    chosen = choose({point: r["log_volume"] for point, r in by_point.items()})
+    report = {"chosen": {"eps": chosen[0], "exponent": chosen[1]},
+              "candidates": [{"eps": eps, "exponent": x, "pilot_log10_volume": r["log10_volume"],
+                              "pilot_max_sample_log10": r["max_sample_log10"],
+                              "chosen": (eps, x) == chosen} for (eps, x), r in by_point.items()]}
+    return chosen, report
 
 
 def check_counts(**counts: int) -> None:

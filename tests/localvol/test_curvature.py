@@ -280,3 +280,52 @@ def test_hesscale_refuses_a_weight_shared_by_two_layers():
     model = nn.Sequential(first, nn.Tanh(), second)
     with pytest.raises(ValueError, match="shares a parameter"):
         hesscale_diagonal(model, torch.rand(5, 4), targets=torch.randint(0, 4, (5,)))
+
+
+# ---------------------------------------------------------------------------------------------
+# kl_hessian: the KL's Hessian at the anchor as the Fisher, against N Hessian-vector products
+# ---------------------------------------------------------------------------------------------
+
+class _TwoInputs(nn.Module):
+    """Not a Sequential: a residual block and a bias shared by two uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 4)
+        self.shift = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h + h.square()) + self.shift - 0.5 * self.shift.square()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(6, 8), nn.GELU(approximate="tanh"), nn.Linear(8, 3)),
+    _TwoInputs,
+])
+@pytest.mark.parametrize("batch_size", [5, 256])
+def test_kl_hessian_equals_the_hessian_of_expected_kl(make, batch_size):
+    import localvol as lv
+
+    torch.manual_seed(0)
+    model = make().double()
+    model.train()  # kl_hessian evaluates in eval mode and puts the modes back
+    x = torch.randn(23, model.a.in_features if hasattr(model, "a") else 6, dtype=torch.float64)
+    exact = hessian(lv.ExpectedKL(model, x), parameters_to_vector(model.parameters()).detach())
+    fisher = lv.kl_hessian(model, x, batch_size=batch_size)
+    assert fisher.shape == exact.shape and fisher.dtype == torch.float64
+    torch.testing.assert_close(fisher, exact, rtol=1e-9, atol=1e-12 * exact.abs().max().item())
+    assert model.training
+    assert torch.linalg.eigvalsh(fisher).min() > -1e-12  # a Fisher matrix: positive semidefinite
+
+
+def test_kl_hessian_rejects_bad_input():
+    import localvol as lv
+
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    with pytest.raises(ValueError, match="inputs is empty"):
+        lv.kl_hessian(model, torch.zeros(0, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch_size"):
+        lv.kl_hessian(model, torch.zeros(4, 3, dtype=torch.float64), batch_size=0)
+    with pytest.raises(ValueError, match=r"logits must be \(b, C\) with C ≥ 2"):
+        lv.kl_hessian(nn.Sequential(nn.Linear(3, 1)).double(), torch.zeros(4, 3, dtype=torch.float64))

@@ -17,7 +17,8 @@ from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STAGES = ("split_digits", "train_mlp", "estimate_figure1", "plot_figure1", "fetch_pythia",
+STAGES = ("split_digits", "train_mlp", "estimate_figure1", "plot_figure1", "train_poison_digits",
+          "estimate_poison_digits", "plot_poison_digits", "fetch_pythia",
           "estimate_figure4", "estimate_figure2", "estimate_figure6", "plot_pythia",
           "prepare_cifar", "train_convnext", "estimate_figure5", "estimate_figure3",
           "estimate_figure7", "plot_convnext")
@@ -106,10 +107,11 @@ def test_dvc_yaml_structure():
     for name in STAGES:
         stage = dvc["stages"][name]
         assert stage["cmd"].startswith(f"python -m replication.pipeline run {name} notebooks/{name}.py")
-        # code dependencies are folders (or the shared sweep and scale modules), never module hand lists
+        # code dependencies are folders (or the shared sweep, scale and poisoning modules), never
+        # module hand lists
         code = [d for d in stage["deps"] if d.startswith("lib/")]
         assert {"lib/localvol", "lib/replication/pipeline", "lib/replication/sweep.py"} <= set(code)
-        assert all(not d.endswith(".py") or d.endswith(("sweep.py", "scale.py", "__init__.py"))
+        assert all(not d.endswith(".py") or d.endswith(("sweep.py", "scale.py", "poisoning.py", "__init__.py"))
                    for d in code), code
         keys = stage["params"]
         assert keys and all(isinstance(k, str) and k.count(".") == 1 for k in keys), \
@@ -123,16 +125,16 @@ def test_dvc_yaml_structure():
         assert executed and next(iter(executed[0].values())) == {"cache": False}
     plots = [next(iter(p)) if isinstance(p, dict) else p for p in dvc["plots"]]
     assert sorted(p for p in plots if p.startswith("figures/")) == sorted(
-        f"figures/figure{n}_{e}.png" for n, e in
-        [(1, "mlp"), (2, "pythia"), (3, "convnext"), (4, "pythia"), (5, "convnext"),
-         (6, "pythia"), (7, "convnext")])
+        [f"figures/figure{n}_{e}.png" for n, e in
+         [(1, "mlp"), (2, "pythia"), (3, "convnext"), (4, "pythia"), (5, "convnext"),
+          (6, "pythia"), (7, "convnext")]] + ["figures/poison_digits.png"])
     # params sections are named after their stages, except the two shared cost sections and
-    # the process count of the seven estimate stages
+    # the process count of the eight estimate stages
     assert set(params) - set(dvc["stages"]) == {"pythia_estimate", "convnext_estimate", "scale"}
     assert {n for n, s in dvc["stages"].items() if "scale.processes" in s.get("params", [])} == {
-        f"estimate_figure{n}" for n in range(1, 8)}
+        *(f"estimate_figure{n}" for n in range(1, 8)), "estimate_poison_digits"}
     metrics = [m for s in dvc["stages"].values() for m in s.get("metrics", [])]
-    assert len(metrics) == 9  # train_mlp, train_convnext and the seven estimate_figure stages
+    assert len(metrics) == 11  # the three training stages and the eight estimate stages
 
 
 @pytest.mark.slow

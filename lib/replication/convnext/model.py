@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from replication.poisoning import SAMPLER, poison_loss, sample_batch, step_seed
+
 __all__ = ["ATTO_CONFIG", "ATTO_N_PARAMS", "SAMPLER", "AUGMENT", "quiet_transformers",
            "make_model", "poison_loss", "step_seed", "sample_batch", "augment", "to_float",
            "evaluate", "decay_groups"]
@@ -26,7 +28,7 @@ ATTO_CONFIG = dict(patch_size=1, image_size=32, hidden_sizes=[40, 80, 160, 320],
                    depths=[2, 2, 6, 2], drop_path_rate=0.1, num_labels=10)
 ATTO_N_PARAMS = 3_388_810
 
-SAMPLER, AUGMENT = 0, 1  # independent random streams of a training step
+AUGMENT = 1  # the augmentation's random stream of a training step (SAMPLER = 0 draws the batch)
 
 
 def quiet_transformers() -> None:
@@ -45,62 +47,6 @@ def make_model(seed: int, **overrides):
 
     torch.manual_seed(seed)
     return ConvNextV2ForImageClassification(ConvNextV2Config(**{**ATTO_CONFIG, **overrides})).float()
-
-
-def poison_loss(logits: torch.Tensor, labels: torch.Tensor, is_poison: torch.Tensor) -> torch.Tensor:
-    """Batch mean of −log p_y (clean examples) and −log(1 − p_y) (poison examples), nats.
-
-    Huang et al. (2020) as in the paper's code (docs/experiments.md#convnext), without its
-    +1e-10: both terms are computed from log-softmax (log(1 − p_y) = logsumexp over the other
-    classes − the logsumexp over all), so they stay finite at p_y = 0 or 1.
-
-    Args:
-        logits: (B, C) float. labels: (B,) int64. is_poison: (B,) bool.
-    Returns: scalar float32 tensor (differentiable).
-    Raises: ValueError for other shapes.
-    """
-    if logits.ndim != 2 or labels.shape != logits.shape[:1] or is_poison.shape != labels.shape:
-        raise ValueError(f"need logits (B, C), labels (B,), is_poison (B,); got {tuple(logits.shape)}, "
-                         f"{tuple(labels.shape)}, {tuple(is_poison.shape)}")
-    logits = logits.float()
-    log_p = torch.log_softmax(logits, -1)
-    log_p_y = log_p.gather(1, labels[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
-    log_not_y = torch.logsumexp(others, -1) - torch.logsumexp(logits, -1)
-    return torch.where(is_poison, -log_not_y, -log_p_y).mean()
-
-
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A 63-bit seed for one random stream (:data:`SAMPLER`, :data:`AUGMENT`) of one training
-    step (numpy SeedSequence of (seed, step, stream))."""
-    return int(np.random.SeedSequence([int(seed), int(step), stream]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def sample_batch(step: int, *, seed: int, batch_size: int, clean_idx: np.ndarray,
-                 poison_idx: np.ndarray, poison_probability: float) -> tuple[np.ndarray, np.ndarray]:
-    """Training examples of step ``step``: each from the poison split with probability
-    ``poison_probability`` (Bernoulli), else the clean split; uniform within its split.
-
-    Depends only on (seed, step). Draws with replacement (the paper's code streamed each split
-    in order through ``interleave_datasets``, unseeded).
-
-    Returns:
-        (indices into the training set (B,) int64, is_poison (B,) bool).
-    Raises:
-        ValueError for a probability outside [0, 1] (params.yaml train_convnext.runs), or a
-        positive one with an empty poison split.
-    """
-    if not 0.0 <= poison_probability <= 1.0:
-        raise ValueError(f"poison_probability must be in [0, 1], got {poison_probability} "
-                         "(params.yaml train_convnext.runs)")
-    g = torch.Generator().manual_seed(step_seed(seed, step, SAMPLER))
-    is_poison = torch.rand(batch_size, generator=g) < poison_probability
-    ci = torch.randint(len(clean_idx), (batch_size,), generator=g).numpy()
-    pi = torch.randint(max(len(poison_idx), 1), (batch_size,), generator=g).numpy()
-    if is_poison.any() and len(poison_idx) == 0:
-        raise ValueError("poison_probability > 0 but the poison split is empty")
-    idx = np.where(is_poison.numpy(), poison_idx[pi] if len(poison_idx) else 0, clean_idx[ci])
-    return idx.astype(np.int64), is_poison.numpy()
 
 
 def augment(images: torch.Tensor) -> torch.Tensor:

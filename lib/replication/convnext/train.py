@@ -126,7 +126,8 @@ def _train_step(step, model, opt, sched, images, labels, data, device, *, seed, 
     """One optimizer step; every random draw seeded by (seed, step). Returns the loss (nats)."""
     idx, is_poison = sample_batch(step, seed=seed, batch_size=batch_size,
                                   clean_idx=data["clean_idx"], poison_idx=data["poison_idx"],
-                                  poison_probability=poison_probability)
+                                  poison_probability=poison_probability,
+                                  key="params.yaml train_convnext.runs")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):

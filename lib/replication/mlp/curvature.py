@@ -48,14 +48,19 @@ def needed_curvature(kinds: set[str]) -> set[str]:
 
 
 def _hessian(model: torch.nn.Module, heldout_images: torch.Tensor, need: set[str], out: dict,
-             times: dict) -> None:
+             times: dict, method: str) -> None:
     """H = ∇²KL at the anchor (= the Fisher) on a float64 copy of the model; its diagonal and,
     if needed, ``eigh`` (ascending eigenvalues, eigenvectors as columns)."""
     t0 = time.perf_counter()
     model64 = copy.deepcopy(model).double().eval()
-    kl64 = localvol.ExpectedKL(model64, heldout_images.double())
-    anchor64 = torch.nn.utils.parameters_to_vector(model64.parameters()).detach()
-    H = localvol.hessian(kl64, anchor64, chunk_size=HESSIAN_CHUNK)  # (N, N), symmetric
+    if method == "fisher":
+        H = localvol.kl_hessian(model64, heldout_images.double())  # (N, N), symmetric
+    elif method == "hvp":
+        kl64 = localvol.ExpectedKL(model64, heldout_images.double())
+        anchor64 = torch.nn.utils.parameters_to_vector(model64.parameters()).detach()
+        H = localvol.hessian(kl64, anchor64, chunk_size=HESSIAN_CHUNK)  # (N, N), symmetric
+    else:
+        raise ValueError(f"unknown Hessian method {method!r}; known: hvp, fisher")
     times["hessian_s"] = time.perf_counter() - t0
     out["hessian_diagonal"] = H.diagonal().clone()
     if "hessian_eigh" in need:
@@ -68,13 +73,16 @@ def _hessian(model: torch.nn.Module, heldout_images: torch.Tensor, need: set[str
 
 def compute_curvature(need: set[str], model: torch.nn.Sequential, heldout_images: torch.Tensor,
                       train_images: torch.Tensor, train_labels: torch.Tensor,
-                      optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                      optimizer_state: dict, hessian_method: str = "hvp"
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Compute the curvature quantities in ``need`` (see :func:`needed_curvature`).
 
     The Hessian is that of the held-out KL cost at the anchor (= the Fisher), on a float64 copy
     of the model (images (n_heldout, 64)); its diagonal is the diag(H) spectrum. HesScale is of
     the CE loss on the training images (n_train, 64) with their labels (n_train,) int64, as the
-    paper's code did. Adam moments come from the saved ``optimizer_state`` (raw buffers, no
+    paper's code did. ``hessian_method``: ``"hvp"`` (:func:`localvol.hessian`, N
+    Hessian-vector products, as Figure 1 has always used) or ``"fisher"``
+    (:func:`localvol.kl_hessian`: the same matrix up to rounding, faster). Adam moments come from the saved ``optimizer_state`` (raw buffers, no
     bias correction, in ``parameters()`` order).
 
     Returns (vectors, wall_times): vectors maps ``hessian_diagonal``, ``hessian_eigenvalues``
@@ -84,7 +92,7 @@ def compute_curvature(need: set[str], model: torch.nn.Sequential, heldout_images
     out: dict[str, torch.Tensor] = {}
     times: dict[str, float] = {}
     if need & {"hessian_eigh", "hessian_diagonal"}:
-        _hessian(model, heldout_images, need, out, times)
+        _hessian(model, heldout_images, need, out, times, hessian_method)
     if "hesscale" in need:
         t0 = time.perf_counter()
         out["hesscale"] = torch.as_tensor(

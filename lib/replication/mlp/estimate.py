@@ -41,9 +41,11 @@ from replication.mlp.curvature import KINDS, build_preconditioner, needed_curvat
 from replication.mlp.data import load_split_data
 from replication.mlp.model import MODEL_FILE, load_trained
 from replication.pipeline.files import save_npz_atomic
-from replication.sweep import Point, Unit, check_counts, run_sweep, summary_metrics, write_sweep
+from localvol.selection import check_seeds
+from replication.sweep import (Point, Unit, check_counts, choose_point, pilot_grid, run_sweep,
+                              summary_metrics, write_sweep)
 
-__all__ = ["KINDS", "preconditioner_label", "check_preconditioners", "figure1_units",
+__all__ = ["KINDS", "preconditioner_label", "check_preconditioners", "check_selection", "figure1_units",
            "figure1_stage", "METRICS"]
 
 COST = "mean KL(p_anchor || p_theta) over the held-out images"
@@ -110,6 +112,41 @@ def figure1_units(specs: dict[str, dict], *, cutoff: float, n_samples_naive: int
     return units
 
 
+SELECTION_KEYS = {"n_pilot", "pilot_seed", "eps", "exponents"}
+
+
+def check_selection(selection: dict[str, Any] | None, seed: int) -> list[tuple[float, float]]:
+    """Validate ``estimate_figure1.selection`` ({n_pilot, pilot_seed, eps, exponents}) and
+    return its grid of (ε, exponent) points, [] when it is off (n_pilot 0, or None).
+
+    Raises ValueError naming the key: other keys, n_pilot not an integer ≥ 0, pilot_seed equal
+    to ``seed``, an empty or non-positive grid (ε ≥ 0, exponent > 0)."""
+    where = "estimate_figure1.selection"
+    if selection is None:
+        return []
+    if not isinstance(selection, dict) or set(selection) != SELECTION_KEYS:
+        got = sorted(selection) if isinstance(selection, dict) else selection
+        raise ValueError(f"{where} must have exactly the keys {sorted(SELECTION_KEYS)}, got {got}")
+    n_pilot = selection["n_pilot"]
+    if isinstance(n_pilot, bool) or not isinstance(n_pilot, int) or n_pilot < 0:
+        raise ValueError(f"{where}.n_pilot must be an integer ≥ 0 (0: off), got {n_pilot!r}")
+    if n_pilot == 0:
+        return []
+    check_seeds(seed, selection["pilot_seed"], keys=("estimate_figure1.seed", f"{where}.pilot_seed"))
+    grid = []
+    for x in selection["exponents"]:
+        for eps in selection["eps"]:
+            for key, value, low in (("eps", eps, 0.0), ("exponents", x, None)):
+                if (isinstance(value, bool) or not isinstance(value, (int, float))
+                        or not (value >= 0 if low == 0.0 else value > 0)):
+                    raise ValueError(f"{where}.{key} must list numbers "
+                                     f"{'≥ 0' if low == 0.0 else '> 0'}, got {value!r}")
+            grid.append((float(eps), float(x)))
+    if not grid or len(set(grid)) != len(grid):
+        raise ValueError(f"{where}: eps and exponents must be non-empty lists of distinct numbers")
+    return grid
+
+
 def _check_settings(cutoff, sigma, rtol, n_samples_naive, n_samples_preconditioned,
                     batch_size) -> None:
     check_counts(**{"estimate_figure1.n_samples_naive": n_samples_naive,
@@ -124,18 +161,25 @@ def figure1_stage(*, data_dir: str, split_path: str, model_dir: str, estimates_p
                   samples_path: str, spectra_path: str, progress_dir: str, metrics_path: str,
                   cutoff: float, sigma: float, rtol: float, seed: int, n_samples_naive: int,
                   n_samples_preconditioned: int, batch_size: int, exponent: float,
-                  preconditioners: dict[str, dict[str, Any]], progress: bool = True) -> dict:
+                  preconditioners: dict[str, dict[str, Any]],
+                  selection: dict[str, Any] | None = None, progress: bool = True) -> dict:
     """Run the ``estimate_figure1`` stage (see the module docstring). Returns the estimates JSON.
 
     ``cutoff`` in nats of mean KL; ``sigma`` the Gaussian prior's std (not variance); ``seed``
     fixes direction i of every estimate; ``batch_size`` directions per cost call; ``exponent``
     and each preconditioner's ``eps`` as p = 1/(|s|^exponent + eps). ``preconditioners`` maps a
     name (its record key) to ``{"kind", "eps"}`` (:func:`check_preconditioners`); the naive
-    estimate is always run first, under ``naive``. Raises ValueError for bad settings, naming
+    estimate is always run first, under ``naive``. ``selection`` (:func:`check_selection`),
+    when its n_pilot > 0, adds one estimate per kind among the preconditioners, key
+    ``{kind}_selected``, at the (ε, exponent) of its grid with the largest aggregate on n_pilot
+    pilot directions of its pilot_seed, which the estimate does not reuse
+    (docs/method.md#honest-selection); the pilots are reported under ``pilots``. Raises
+    ValueError for bad settings, naming
     the params.yaml key, before any file is read. An interrupted run resumes from
     ``progress_dir``, which is removed once the stage has finished.
     """
     specs = check_preconditioners(preconditioners)
+    grid = check_selection(selection, seed)
     _check_settings(cutoff, sigma, rtol, n_samples_naive, n_samples_preconditioned, batch_size)
     data = load_split_data(data_dir, split_path)
     x_held = torch.as_tensor(data["heldout_images"])  # (773, 64)
@@ -151,23 +195,42 @@ def figure1_stage(*, data_dir: str, split_path: str, model_dir: str, estimates_p
                       kind, eps, exp, vectors))  # float64 spectra, whatever the anchor's dtype
     units = figure1_units(specs, cutoff=cutoff, n_samples_naive=n_samples_naive,
                           n_samples_preconditioned=n_samples_preconditioned)
-    sweep = run_sweep(units, lambda _: point, prior=localvol.GaussianPrior(sigma), rtol=rtol,
-                      seed=seed, batch_size=batch_size, exponent=exponent,
-                      progress_dir=progress_dir, salt=(model_sha, _checksum(x_held)),
-                      progress=progress)
+    common = dict(prior=localvol.GaussianPrior(sigma), rtol=rtol, seed=seed,
+                  batch_size=batch_size, exponent=exponent, progress_dir=progress_dir,
+                  salt=(model_sha, _checksum(x_held)), progress=progress)
+    pilots = {}
+    if grid:
+        selected = list(dict.fromkeys(s["kind"] for s in specs.values()))
+        pilot = run_sweep([u for kind in selected for u in pilot_grid(
+            f"pilot/{kind}", CHECKPOINT, kind, grid, cutoff=cutoff,
+            n_pilot=selection["n_pilot"], pilot_seed=selection["pilot_seed"])],
+            lambda _: point, gather=True, **common)
+        for kind in selected:
+            (eps, x), pilots[kind] = choose_point(pilot.records, f"pilot/{kind}", grid)
+            label = f"{KINDS[kind]}, chosen ε={_format_eps(eps)}, exponent {x:g}"
+            units.append(Unit(key=f"{kind}_selected", checkpoint=CHECKPOINT, series=label,
+                              preconditioner=kind, cutoff=cutoff,
+                              n_samples=n_samples_preconditioned, eps=eps, exponent=x,
+                              meta={"kind": kind, "eps": eps, "exponent": x, "label": label}))
+    sweep = run_sweep(units, lambda _: point, **common)
+    if grid:
+        sweep.arrays.update(pilot.arrays)
+        sweep.timings["pilots"] = pilot.timings
     sweep.timings["curvature_wall_time_s"] = curvature_times
     save_npz_atomic(spectra_path, **{k: v.numpy() for k, v in vectors.items()
                                      if k != "hessian_eigenvectors"})
     config = {"cutoff": cutoff, "sigma": sigma, "rtol": rtol, "seed": seed, "exponent": exponent,
               "n_samples_naive": n_samples_naive,
               "n_samples_preconditioned": n_samples_preconditioned, "batch_size": batch_size,
-              "preconditioners": preconditioners, "n_params": int(anchor.numel()),
+              "preconditioners": preconditioners, "selection": selection,
+              "n_params": int(anchor.numel()),
               "n_heldout": int(len(x_held)), "n_train": int(len(data["train_images"])),
               "cost": COST, "model_sha256": model_sha}
     naive = sweep.records["naive"]
     extra = {"anchor_norm": float(anchor.double().norm()),
              "log_prior_at_anchor": naive["log_prior_at_anchor"],
-             "log10_prior_at_anchor": naive["log10_prior_at_anchor"]}
+             "log10_prior_at_anchor": naive["log10_prior_at_anchor"],
+             **({"pilots": pilots} if pilots else {})}
     return write_sweep(sweep, config=config, extra=extra, estimates_path=estimates_path,
                        samples_path=samples_path, metrics_path=metrics_path,
                        progress_dir=progress_dir,

@@ -70,7 +70,7 @@ def test_sampler_is_seeded_and_draws_poison_at_the_given_rate():
     assert not flag0.any() and np.all(idx0 % 2 == 0)
     assert convnext.sample_batch(7, poison_probability=1.0, **kw)[1].all()
     with pytest.raises(ValueError, match="poison_probability .*train_convnext.runs"):
-        convnext.sample_batch(0, poison_probability=1.5, **kw)
+        convnext.sample_batch(0, poison_probability=1.5, key="params.yaml train_convnext.runs", **kw)
 
 
 def test_sampler_draws_are_pinned():

@@ -164,6 +164,7 @@ BAD = dict(data_dir="x", split_path="x", model_dir="x", estimates_path="x", metr
            samples_path="x", spectra_path="x", progress_dir="x", cutoff=1e-2, sigma=1.0,
            rtol=1e-2, seed=0, n_samples_naive=2, n_samples_preconditioned=2, batch_size=2,
            exponent=0.5, preconditioners={})
+SEL = {"n_pilot": 4, "pilot_seed": 1, "eps": [1e-3, 1e-1], "exponents": [0.25, 0.5]}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -177,10 +178,53 @@ BAD = dict(data_dir="x", split_path="x", model_dir="x", estimates_path="x", metr
     ({"batch_size": 1.5}, r"estimate_figure1\.batch_size"),
     ({"cutoff": 0.0}, r"estimate_figure1\.cutoff"),
     ({"sigma": -1.0}, r"estimate_figure1\.sigma"),
+    ({"selection": {"n_pilot": 4}}, r"estimate_figure1.selection must have exactly the keys"),
+    ({"selection": {**SEL, "n_pilot": -1}}, r"selection.n_pilot must be an integer ≥ 0"),
+    ({"selection": {**SEL, "pilot_seed": 0}}, r"selection.pilot_seed \(0\) must differ from estimate_figure1.seed"),
+    ({"selection": {**SEL, "eps": [-1.0]}}, r"selection.eps must list numbers ≥ 0"),
+    ({"selection": {**SEL, "exponents": [0.0]}}, r"selection.exponents must list numbers > 0"),
 ])
 def test_figure1_stage_rejects_bad_settings_before_reading_files(change, message):
     with pytest.raises(ValueError, match=message):
         estimate.figure1_stage(**{**BAD, **change})
+
+
+def test_figure1_selection_adds_one_estimate_per_kind_at_the_pilots_best_point(tiny, tmp_path):
+    """estimate_figure1.selection: pilots on every grid point (seed pilot_seed), the largest
+    pilot aggregate chosen, then k fresh directions of the stage's seed; the other estimates are
+    exactly those of a run without selection."""
+    out = {k: str(tmp_path / v) for k, v in {
+        "estimates_path": "e.json", "metrics_path": "m.json", "samples_path": "s.npz",
+        "spectra_path": "sp.npz", "progress_dir": "progress"}.items()}
+    kw = dict(data_dir=str(tiny / "data"), split_path=str(tiny / "split.npz"),
+              model_dir=str(tiny / "model"), **out, cutoff=1e-2, sigma=1.4, rtol=1e-2, seed=0,
+              n_samples_naive=8, n_samples_preconditioned=6, batch_size=4, exponent=0.5,
+              preconditioners={"h1": {"kind": "hessian", "eps": 0.01},
+                               "h2": {"kind": "hessian", "eps": 0.1},
+                               "nu": {"kind": "adam_nu", "eps": 1e-3}}, progress=False)
+    plain = estimate.figure1_stage(**kw)
+    with np.load(tmp_path / "s.npz") as z:
+        plain_arrays = {k: z[k] for k in z.files}
+    summary = estimate.figure1_stage(**kw, selection=SEL)
+    with np.load(tmp_path / "s.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    assert list(summary["estimates"]) == ["naive", "h1", "h2", "nu", "hessian_selected",
+                                          "adam_nu_selected"]
+    for key in ("naive", "h1", "h2", "nu"):
+        np.testing.assert_array_equal(arrays[f"{key}__samples"], plain_arrays[f"{key}__samples"])
+    for kind in ("hessian", "adam_nu"):
+        report = summary["pilots"][kind]
+        assert len(report["candidates"]) == 4 and sum(c["chosen"] for c in report["candidates"]) == 1
+        best = max(report["candidates"], key=lambda c: c["pilot_log10_volume"])
+        rec = summary["estimates"][f"{kind}_selected"]
+        assert (rec["eps"], rec["exponent"]) == (best["eps"], best["exponent"])
+        assert rec["n_samples"] == 6
+        pilot = arrays[f"pilot/{kind}/eps={best['eps']:g},exponent={best['exponent']:g}__samples"]
+        assert pilot.shape == (4,) and pilot[0] != arrays[f"{kind}_selected__samples"][0]
+        if (best["eps"], best["exponent"]) == (1e-3, 0.5) and kind == "adam_nu":
+            # the same preconditioner as "nu" on the same seed: the same samples
+            np.testing.assert_array_equal(arrays["adam_nu_selected__samples"],
+                                          arrays["nu__samples"])
 
 
 @pytest.mark.slow
