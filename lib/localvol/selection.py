@@ -2,7 +2,8 @@
 thrown away (docs/method.md#honest-selection).
 
 Any fixed preconditioner gives an unbiased estimator of the volume (eq. 15), so by Markov's
-inequality (eq. 14) its estimate is a valid high-probability lower bound. Choosing the
+inequality (eq. 14) its estimate exceeds the truth by m orders of magnitude with probability at
+most 10⁻ᵐ: an approximate high-probability lower bound. Choosing the
 preconditioner *after* seeing its samples breaks that: the largest of several noisy estimates is
 biased upwards. The paper chose each ε by the largest sample over a grid, on the very samples it
 reported. Here the choice is made on a pilot of k₀ directions per candidate (the same pilot
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -39,10 +40,14 @@ def choose(pilot_log_volumes: Mapping[str, float]) -> str:
 
 
 def check_seeds(seed: int, pilot_seed: int, *, keys: tuple[str, str] = ("seed", "pilot_seed")) -> None:
-    """The pilot's directions must not be the estimate's: ValueError (naming ``keys``) if the
-    two seeds are equal. Direction i of seed s is drawn from a hash of (s, i)
-    (:func:`localvol.directions.direction_seed`), so different seeds give independent streams."""
-    if int(seed) == int(pilot_seed):
+    """The pilot's directions must not be the estimate's: ValueError (naming ``keys``) unless
+    both seeds are integers in [0, 2^32) and differ. Direction i of seed s is drawn from a hash
+    of (s, i) (:func:`localvol.directions.direction_seed`), so different seeds give independent
+    streams."""
+    for key, value in zip(keys, (seed, pilot_seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+            raise ValueError(f"{key} must be an integer in [0, 2^32), got {value!r}")
+    if seed == pilot_seed:
         raise ValueError(f"{keys[1]} ({pilot_seed}) must differ from {keys[0]} ({seed}): the "
                          "pilot's directions choose the preconditioner and must not be reused "
                          "by the estimate")
@@ -52,9 +57,9 @@ def check_seeds(seed: int, pilot_seed: int, *, keys: tuple[str, str] = ("seed", 
 class Selection:
     """Result of :func:`select_and_estimate`.
 
-    chosen: name of the selected candidate. pilot: every candidate's pilot estimate (k₀
-    directions of ``pilot_seed``), by name, in the given order. estimate: the chosen
-    candidate's estimate on k fresh directions (``seed``): the number to report.
+    chosen: name of the selected candidate. pilot: every candidate's pilot estimate (k₀ =
+    ``n_pilot`` directions of ``pilot_seed``), by name, in the given order. estimate: the chosen
+    candidate's estimate on k = ``n_samples`` fresh directions (``seed``): the number to report.
     """
 
     chosen: str
@@ -62,6 +67,8 @@ class Selection:
     estimate: VolumeEstimate
     seed: int
     pilot_seed: int
+    n_pilot: int
+    n_samples: int
 
     def table(self) -> list[dict]:
         """One row per candidate: ``name``, ``pilot_log10_volume``, ``pilot_max_sample_log10``,
@@ -86,11 +93,19 @@ def select_and_estimate(cost, anchor: torch.Tensor, candidates: Mapping[str, obj
     Args:
         cost, anchor, cutoff, prior, rtol, batch_size, max_radius, progress: as
             :func:`localvol.estimate_log_volume`.
-        candidates: name -> preconditioner (an object with ``apply``; None is the naive
-            estimator), e.g. one per (ε, exponent) of a grid. All are held at once: a dense
-            N×N preconditioner costs 8N² bytes each.
+        candidates: a mapping name -> preconditioner (an object with ``apply``; None is the
+            naive estimator), e.g. one per (ε, exponent) of a grid. All are held at once: for a
+            grid of dense preconditioners decompose H once and build each with
+            ``MatrixPreconditioner.from_eigh(eigenvalues, eigenvectors, eps, exponent)``, which
+            shares the eigenvectors (8N² bytes) instead of copying them per candidate.
         n_pilot: k₀ ≥ 1 directions per candidate. n_samples: k ≥ 1 of the final estimate.
         seed, pilot_seed: direction seeds of the estimate and of the pilot; must differ.
+        progress: default False here (True in :func:`localvol.estimate_log_volume`).
+
+    Nothing here is resumable: for long runs, estimate each candidate with
+    :func:`localvol.estimate_log_volume` and its ``checkpoint_path``, then :func:`choose`.
+    (The pilot here is not the radius search's pilot, the first 16 directions of every
+    estimate that guide the first guesses of the others: docs/method.md#radius-search.)
 
     Returns:
         :class:`Selection` (log volumes in nats in its estimates, log10 in its table).
@@ -99,8 +114,12 @@ def select_and_estimate(cost, anchor: torch.Tensor, candidates: Mapping[str, obj
         ValueError: no candidates, equal seeds, a NaN pilot aggregate, or what
             :func:`localvol.estimate_log_volume` raises.
     """
-    if not candidates:
-        raise ValueError("candidates is empty: give at least one preconditioner (None = naive)")
+    if not isinstance(candidates, Mapping) or not candidates:
+        raise ValueError("candidates must be a non-empty mapping name -> preconditioner (None = "
+                         f"naive), got {type(candidates).__name__} {candidates!r:.80}")
+    for name, value in (("n_pilot", n_pilot), ("n_samples", n_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
     check_seeds(seed, pilot_seed)
     common = dict(cutoff=cutoff, prior=prior, rtol=rtol, batch_size=batch_size,
                   max_radius=max_radius, progress=progress)
@@ -111,4 +130,4 @@ def select_and_estimate(cost, anchor: torch.Tensor, candidates: Mapping[str, obj
     estimate = estimate_log_volume(cost, anchor, n_samples=n_samples, seed=seed,
                                    preconditioner=candidates[chosen], **common)
     return Selection(chosen=chosen, pilot=pilot, estimate=estimate, seed=seed,
-                     pilot_seed=pilot_seed)
+                     pilot_seed=pilot_seed, n_pilot=n_pilot, n_samples=n_samples)

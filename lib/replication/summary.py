@@ -12,8 +12,9 @@ spread itself is a rough figure.
     python -m replication.summary [--dvc-yaml dvc.yaml]
 
 reads the estimates (``estimates.json``) and per-sample arrays (``samples.npz``) of the seven
-estimate stages at the paths ``dvc.yaml`` defines, and prints the tables (stages not yet run are
-listed as missing). The full tables are the plot stages' ``figures/*_aggregates.md``.
+figures' estimate stages at the paths ``dvc.yaml`` defines, and prints the tables (stages not yet
+run are listed as missing), then the verdicts of the poisoned-digits experiment (from
+``figures/poison_digits.md``). The full tables are the plot stages' ``figures/*_aggregates.md``.
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def summary_markdown(dvc_yaml: str | Path = "dvc.yaml") -> str:
                          f"{paths[smp_var]}: {type(err).__name__}: {err}")
             continue
         parts.append(f"### {title}\n\n{table.to_markdown(index=False)}")
+    poison = root / paths.get("poison_md", "figures/poison_digits.md")
+    title = "### Clean vs poisoned digits MLPs (beyond the paper): verdicts"
+    if poison.exists():
+        verdicts = poison.read_text().split("## Verdicts", 1)[-1].split("\n## ", 1)[0].strip()
+        parts.append(f"{title}\n\n{verdicts}\n\nTable: {paths.get('poison_md')}; claims: docs/claims.md")
+    else:
+        parts.append(f"{title}\n\nnot run yet ({poison.relative_to(root)} missing)")
     parts.append(
         "Full tables: figures/*_aggregates.md. Compare with another run: "
         "`dvc metrics diff --md` (against the last commit) or `dvc exp show --only-changed --md`.")

@@ -39,7 +39,7 @@ from localvol.code_version import source_hash
 from replication.pipeline.files import save_npz_atomic, write_json_atomic, write_timings
 
 __all__ = ["Unit", "Point", "Sweep", "ShardsDone", "sweep_blocks", "run_sweep", "write_sweep", "summary_table", "summary_metrics",
-           "pilot_grid", "choose_point", "check_counts", "check_cutoffs", "parameter_sha256", "check_distinct_steps",
+           "number_grid", "pilot_grid", "choose_point", "check_counts", "check_cutoffs", "parameter_sha256", "check_distinct_steps",
            "time_cost_call", "code_version"]
 
 LN10 = math.log(10.0)
@@ -176,30 +176,29 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
     mine = sweep_blocks(units, world)[rank]
     sweep = Sweep()
     t_start = time.perf_counter()
+    common = dict(prior=prior, rtol=rtol, batch_size=batch_size, progress_dir=progress_dir,
+                  salt=salt, progress=progress, rank=rank, world=world)
     for checkpoint in dict.fromkeys(u.checkpoint for u in units):
-        todo = [u for u in units if u.checkpoint == checkpoint and (gather or u.key in mine)]
+        todo = [u for u in units if u.checkpoint == checkpoint and u.key in mine]
         if not todo:
             continue
         point = load(checkpoint)
         if "kl_evaluation_s" not in sweep.timings:
             sweep.timings["kl_evaluation_s"] = time_cost_call(point.cost, point.anchor[None])
-        precise = None
+        cache: dict = {}
         for unit in todo:
-            cost, anchor = point.cost, point.anchor
-            if unit.float64:
-                if point.float64 is None:
-                    raise ValueError(f"unit {unit.key} asks for float64 but checkpoint {checkpoint} has no float64 copy")
-                precise = precise or point.float64()
-                cost, anchor = precise
-            precond = None
-            if unit.preconditioner != "naive":
-                precond = point.preconditioner(
-                    unit.preconditioner, unit.eps,
-                    exponent if unit.exponent is None else unit.exponent, anchor.dtype)
-            _run_unit(sweep, unit, point, cost, anchor, precond, prior=prior, rtol=rtol,
-                      seed=seed if unit.seed is None else unit.seed, batch_size=batch_size,
-                      progress_dir=progress_dir, salt=salt, progress=progress,
-                      blocks=mine.get(unit.key, []), rank=rank, world=world, gather=gather)
+            cost, anchor, precond = _unit_inputs(point, unit, exponent, cache)
+            _run_unit(sweep, unit, point, cost, anchor, precond,
+                      seed=seed if unit.seed is None else unit.seed, blocks=mine[unit.key],
+                      wait=False, **common)
+    if gather and world > 1:  # every rank's own blocks are done: now wait for the others'
+        for checkpoint in dict.fromkeys(u.checkpoint for u in units):
+            point, cache = load(checkpoint), {}
+            for unit in (u for u in units if u.checkpoint == checkpoint):
+                cost, anchor, precond = _unit_inputs(point, unit, exponent, cache)
+                _run_unit(sweep, unit, point, cost, anchor, precond,
+                          seed=seed if unit.seed is None else unit.seed, blocks=[], wait=True,
+                          **common)
     sweep.timings["wall_time_s"] = time.perf_counter() - t_start
     if MERGE_ONLY.get():  # the searches ran in the ranks: these are merge times
         sweep.timings = {"merged_from_ranks": True, **sweep.timings}
@@ -208,8 +207,31 @@ def run_sweep(units: Iterable[Unit], load: Callable[[str], Point], *, prior, rto
     return sweep
 
 
+def _unit_inputs(point: Point, unit: Unit, exponent: float, cache: dict):
+    """(cost, anchor, preconditioner) of one unit: the point's float64 copy if the unit asks
+    for it (built once per point, kept in ``cache``), the preconditioner at the unit's ε and
+    exponent (the sweep's exponent unless the unit overrides it)."""
+    cost, anchor = point.cost, point.anchor
+    if unit.float64:
+        if point.float64 is None:
+            raise ValueError(f"unit {unit.key} asks for float64 but checkpoint {unit.checkpoint} "
+                             "has no float64 copy")
+        if "float64" not in cache:
+            cache["float64"] = point.float64()
+        cost, anchor = cache["float64"]
+    precond = None
+    if unit.preconditioner != "naive":
+        precond = point.preconditioner(unit.preconditioner, unit.eps,
+                                       exponent if unit.exponent is None else unit.exponent,
+                                       anchor.dtype)
+    return cost, anchor, precond
+
+
 def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, batch_size,
-              progress_dir, salt, progress, blocks, rank, world, gather) -> None:
+              progress_dir, salt, progress, blocks, rank, world, wait) -> None:
+    """Search this rank's ``blocks`` of the unit (resuming from its shards). With one process,
+    record it; with several, return, unless ``wait``: then load the other ranks' shards until
+    every sample is there, and record it."""
     folder = Path(progress_dir) / _progress_name(unit, anchor, precond, prior, rtol, seed,
                                                  batch_size, salt)
     t0 = time.perf_counter()
@@ -232,8 +254,8 @@ def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, b
         run.run(blocks, save_to=folder / f"shard-{rank}.npz", progress=progress and rank == 0)
     finally:
         torch.set_num_threads(setup_threads)
-    if world > 1 and not gather:
-        return  # merged by a rerun in one process
+    if world > 1 and not wait:
+        return  # merged later: by the rerun in one process, or (gather) by this rank
     if world > 1:
         wait_for_shards(run, folder)  # the other ranks' blocks of this unit
     est = run.result()
@@ -249,7 +271,7 @@ def _run_unit(sweep, unit, point, cost, anchor, precond, *, prior, rtol, seed, b
         sweep.arrays[f"{unit.key}__{name}"] = getattr(est, name)
     seconds = time.perf_counter() - t0
     sweep.timings[unit.key] = {"wall_time_s": seconds, "seconds_per_sample": seconds / unit.n_samples}
-    if progress:
+    if progress and rank == 0:
         terms = "" if lp is None else (f" (prior {record['log10_prior_at_anchor']:.6g}, "
                                        f"neighbourhood {record['log10_neighbourhood']:.6g})")
         print(f"{unit.key}: log10 volume {est.log10_volume:.6g}{terms}, "
@@ -307,6 +329,19 @@ def summary_table(records: dict[str, dict], columns: Iterable[str] = ()) -> pd.D
                      "max_sample_share": r["max_sample_share"],
                      "cost_evaluations_per_sample": r["cost_evaluations_per_sample"]})
     return pd.DataFrame(rows)
+
+
+def number_grid(value, where: str, *, positive: bool) -> list[float]:
+    """A grid of ε (``positive`` False: ≥ 0) or exponents (> 0): a number or a non-empty list of
+    finite numbers, distinct at 6 significant digits (they name the pilot units). Raises
+    ValueError naming ``where``."""
+    values = value if isinstance(value, list) else [value]
+    ok = values and all(not isinstance(v, bool) and isinstance(v, (int, float))
+                        and math.isfinite(v) and (v > 0 if positive else v >= 0) for v in values)
+    if not ok or len({f"{v:g}" for v in values}) != len(values):
+        raise ValueError(f"{where} must be a number or a non-empty list of distinct finite "
+                         f"numbers {'> 0' if positive else '≥ 0'}, got {value!r}")
+    return [float(v) for v in values]
 
 
 def pilot_grid(key: str, checkpoint: str, kind: str, grid: list[tuple[float, float]], *,

@@ -329,3 +329,26 @@ def test_kl_hessian_rejects_bad_input():
         lv.kl_hessian(model, torch.zeros(4, 3, dtype=torch.float64), batch_size=0)
     with pytest.raises(ValueError, match=r"logits must be \(b, C\) with C ≥ 2"):
         lv.kl_hessian(nn.Sequential(nn.Linear(3, 1)).double(), torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must all be float32 or all float64"):
+        lv.kl_hessian(nn.Sequential(nn.Linear(3, 2)).bfloat16(), torch.zeros(4, 3))
+
+
+def test_kl_hessian_takes_logits_outputs_float32_inputs_and_one_batch():
+    """An output with .logits (Hugging Face models), inputs cast to the parameters' dtype, and
+    batch_size None: the same matrix as the plain model with float64 inputs in batches."""
+    import localvol as lv
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return type("Output", (), {"logits": self.inner(x)})()
+
+    torch.manual_seed(1)
+    inner = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x = torch.randn(9, 3)
+    plain = lv.kl_hessian(inner, x.double(), batch_size=4)
+    wrapped = lv.kl_hessian(Wrapped(inner), x, batch_size=None)
+    torch.testing.assert_close(wrapped, plain, rtol=1e-12, atol=1e-15)

@@ -72,6 +72,8 @@ def test_choose_takes_the_largest_first_on_ties_and_rejects_nan():
 def test_equal_seeds_are_refused_naming_the_keys():
     with pytest.raises(ValueError, match=r"pilot_seed \(3\) must differ from seed \(3\)"):
         check_seeds(3, 3)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^32\), got 1.9"):
+        check_seeds(1.9, 1)
     with pytest.raises(ValueError, match="select.pilot_seed"):
         check_seeds(4, 4, keys=("estimate.seed", "select.pilot_seed"))
     a_mat, _, center = _ellipsoid(n=4, cond=2)
@@ -79,3 +81,17 @@ def test_equal_seeds_are_refused_naming_the_keys():
         lv.select_and_estimate(lv.QuadraticCost(a_mat, center), center, {"naive": None},
                                cutoff=0.1, n_pilot=2, n_samples=2, prior=lv.LebesguePrior(),
                                seed=0, pilot_seed=0)
+
+
+def test_bad_counts_and_candidates_name_the_argument():
+    a_mat, _, center = _ellipsoid(n=4, cond=2)
+    kw = dict(cutoff=0.1, prior=lv.LebesguePrior(), seed=0, pilot_seed=1)
+    cost = lv.QuadraticCost(a_mat, center)
+    with pytest.raises(ValueError, match="n_pilot must be an integer ≥ 1, got 0"):
+        lv.select_and_estimate(cost, center, {"naive": None}, n_pilot=0, n_samples=2, **kw)
+    with pytest.raises(ValueError, match="n_samples must be an integer ≥ 1, got 0"):
+        lv.select_and_estimate(cost, center, {"naive": None}, n_pilot=2, n_samples=0, **kw)
+    with pytest.raises(ValueError, match="candidates must be a non-empty mapping"):
+        lv.select_and_estimate(cost, center, [None], n_pilot=2, n_samples=2, **kw)
+    sel = lv.select_and_estimate(cost, center, {"naive": None}, n_pilot=3, n_samples=5, **kw)
+    assert (sel.n_pilot, sel.n_samples, sel.seed, sel.pilot_seed) == (3, 5, 0, 1)

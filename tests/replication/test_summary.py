@@ -88,7 +88,7 @@ def test_summary_names_stages_not_yet_run(tmp_path):
             f"      fig{n}_{kind}: results/fig{n}/{kind}\n" for n in range(1, 8)
             for kind in ("estimates", "samples")) + "stages: {}\n")
     text = summary_markdown(tmp_path / "dvc.yaml")
-    assert text.count("not run yet") == 7 and "dvc metrics diff --md" in text
+    assert text.count("not run yet") == 8 and "(figures/poison_digits.md missing)" in text and "dvc metrics diff --md" in text
 
 
 def test_summary_names_what_is_missing_or_unreadable(tmp_path):
@@ -105,3 +105,13 @@ def test_summary_names_what_is_missing_or_unreadable(tmp_path):
     text = summary_markdown(tmp_path / "dvc.yaml")
     assert "not run yet (fig1_samples missing)" in text  # names the file that is missing
     assert "could not read fig2_estimates with fig2_samples: ValueError: no estimates" in text
+
+
+def test_summary_ends_with_the_poisoned_digits_verdicts(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("vars:\n  - paths:\n      poison_md: p.md\n" + "".join(
+        f"      fig{n}_{kind}: fig{n}_{kind}\n" for n in range(1, 8)
+        for kind in ("estimates", "samples")) + "stages: {}\n")
+    (tmp_path / "p.md").write_text("# T\n\nintro\n\n## Verdicts\n\n- naive: smaller.\n- diag: overlap.\n\n"
+                                   "## Local volume\n\n| table |\n")
+    text = summary_markdown(tmp_path / "dvc.yaml")
+    assert "- naive: smaller.\n- diag: overlap.\n\nTable: p.md" in text and "| table |" not in text

@@ -42,8 +42,8 @@ from replication.mlp.data import load_split_data
 from replication.mlp.model import MODEL_FILE, load_trained
 from replication.pipeline.files import save_npz_atomic
 from localvol.selection import check_seeds
-from replication.sweep import (Point, Unit, check_counts, choose_point, pilot_grid, run_sweep,
-                              summary_metrics, write_sweep)
+from replication.sweep import (Point, Unit, check_counts, choose_point, number_grid, pilot_grid,
+                              run_sweep, summary_metrics, write_sweep)
 
 __all__ = ["KINDS", "preconditioner_label", "check_preconditioners", "check_selection", "figure1_units",
            "figure1_stage", "METRICS"]
@@ -133,18 +133,9 @@ def check_selection(selection: dict[str, Any] | None, seed: int) -> list[tuple[f
     if n_pilot == 0:
         return []
     check_seeds(seed, selection["pilot_seed"], keys=("estimate_figure1.seed", f"{where}.pilot_seed"))
-    grid = []
-    for x in selection["exponents"]:
-        for eps in selection["eps"]:
-            for key, value, low in (("eps", eps, 0.0), ("exponents", x, None)):
-                if (isinstance(value, bool) or not isinstance(value, (int, float))
-                        or not (value >= 0 if low == 0.0 else value > 0)):
-                    raise ValueError(f"{where}.{key} must list numbers "
-                                     f"{'≥ 0' if low == 0.0 else '> 0'}, got {value!r}")
-            grid.append((float(eps), float(x)))
-    if not grid or len(set(grid)) != len(grid):
-        raise ValueError(f"{where}: eps and exponents must be non-empty lists of distinct numbers")
-    return grid
+    eps_grid = number_grid(selection["eps"], f"{where}.eps", positive=False)
+    exponents = number_grid(selection["exponents"], f"{where}.exponents", positive=True)
+    return [(eps, x) for x in exponents for eps in eps_grid]
 
 
 def _check_settings(cutoff, sigma, rtol, n_samples_naive, n_samples_preconditioned,
@@ -180,6 +171,10 @@ def figure1_stage(*, data_dir: str, split_path: str, model_dir: str, estimates_p
     """
     specs = check_preconditioners(preconditioners)
     grid = check_selection(selection, seed)
+    clash = {f"{s['kind']}_selected" for s in specs.values()} & set(specs) if grid else set()
+    if clash:
+        raise ValueError(f"estimate_figure1.preconditioners: {sorted(clash)} would collide with "
+                         "the estimates estimate_figure1.selection adds; rename them")
     _check_settings(cutoff, sigma, rtol, n_samples_naive, n_samples_preconditioned, batch_size)
     data = load_split_data(data_dir, split_path)
     x_held = torch.as_tensor(data["heldout_images"])  # (773, 64)

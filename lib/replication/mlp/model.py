@@ -107,17 +107,20 @@ def _cosine_decay(total_steps: int):
     return factor
 
 
-def _check_training(hidden, lr, epochs, batch_size, l2, betas, adam_eps) -> None:
-    check_counts(**{"train_mlp.hidden": hidden, "train_mlp.epochs": epochs,
-                    "train_mlp.batch_size": batch_size})
+def _check_training(hidden, lr, epochs, batch_size, l2, betas, adam_eps, *,
+                    section: str = "train_mlp", epochs_key: str = "epochs") -> None:
+    """ValueError naming ``{section}.{key}`` for a bad training setting (``epochs`` is named
+    ``epochs_key``: a stage that counts steps says so)."""
+    check_counts(**{f"{section}.hidden": hidden, f"{section}.{epochs_key}": epochs,
+                    f"{section}.batch_size": batch_size})
     if not lr > 0:
-        raise ValueError(f"train_mlp.lr must be > 0, got {lr!r}")
+        raise ValueError(f"{section}.lr must be > 0, got {lr!r}")
     if not l2 >= 0:
-        raise ValueError(f"train_mlp.l2 must be ≥ 0, got {l2!r}")
+        raise ValueError(f"{section}.l2 must be ≥ 0, got {l2!r}")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"train_mlp.betas must be two numbers in [0, 1), got {betas!r}")
+        raise ValueError(f"{section}.betas must be two numbers in [0, 1), got {betas!r}")
     if not adam_eps > 0:
-        raise ValueError(f"train_mlp.adam_eps must be > 0, got {adam_eps!r}")
+        raise ValueError(f"{section}.adam_eps must be > 0, got {adam_eps!r}")
 
 
 def _run_epoch(model, optimizer, schedule, x, y, order, batch_size, l2) -> float:

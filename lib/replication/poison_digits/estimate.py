@@ -15,6 +15,7 @@ the prior N(0, σ²I) with the same σ for every network, so that their prior te
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +29,14 @@ from replication.mlp.data import load_split_data
 from replication.mlp.model import MODEL_FILE, load_trained
 from replication.mlp.estimate import preconditioner_label
 from replication.poison_digits.train import CONDITIONS, network_name
-from replication.sweep import (Point, Unit, check_counts, choose_point, pilot_grid, run_sweep,
-                              summary_metrics, write_sweep)
+from replication.sweep import (Point, Unit, check_counts, choose_point, number_grid, pilot_grid,
+                              run_sweep, summary_metrics, write_sweep)
 
 __all__ = ["check_preconditioners", "pilot_units", "final_units", "estimate_stage", "METRICS"]
 
 COST = "mean KL(p_anchor || p_theta) over the held-out images"
 METRICS = ("log10_volume", "log10_prior_at_anchor", "log10_neighbourhood", "cost_evaluations")
 SECTION = "estimate_poison_digits"
-
-
-def _number_list(value, where: str, *, positive: bool) -> list[float]:
-    values = value if isinstance(value, list) else [value]
-    ok = values and all(not isinstance(v, bool) and isinstance(v, (int, float))
-                        and (v > 0 if positive else v >= 0) for v in values)
-    if not ok or len(set(values)) != len(values):
-        raise ValueError(f"{where} must be a non-empty list of distinct numbers "
-                         f"{'> 0' if positive else '≥ 0'}, got {value!r}")
-    return [float(v) for v in values]
 
 
 def check_preconditioners(preconditioners: dict[str, dict[str, Any]]) -> dict[str, dict]:
@@ -67,9 +58,9 @@ def check_preconditioners(preconditioners: dict[str, dict[str, Any]]) -> dict[st
         if spec["kind"] not in KINDS:
             raise ValueError(f"{where}.kind {spec['kind']!r} unknown; known: {list(KINDS)}")
         specs[name] = {"kind": spec["kind"],
-                       "eps": _number_list(spec["eps"], f"{where}.eps", positive=False),
-                       "exponents": _number_list(spec["exponents"], f"{where}.exponents",
-                                                 positive=True)}
+                       "eps": number_grid(spec["eps"], f"{where}.eps", positive=False),
+                       "exponents": number_grid(spec["exponents"], f"{where}.exponents",
+                                                positive=True)}
     return specs
 
 
@@ -106,9 +97,17 @@ def final_units(networks: list[str], specs: dict[str, dict], choices: dict[tuple
                 key=f"{net}/{name}", checkpoint=net, series=name, preconditioner=spec["kind"],
                 cutoff=cutoff, n_samples=n_samples, eps=eps, exponent=x,
                 meta={"network": net, "estimator": name, "kind": spec["kind"], "exponent": x,
-                      "label": f"{preconditioner_label(spec['kind'], eps)}, exponent {x:g}",
+                      "label": _label(spec["kind"], len(grid), eps, x),
                       "grid_points": len(grid)}))
     return units
+
+
+def _label(kind: str, grid_points: int, eps: float, exponent: float) -> str:
+    """The estimator's label, the same for every network: ``"diag(H), ε and exponent chosen"``
+    when each network chooses its own, else the one ε and exponent."""
+    if grid_points > 1:
+        return f"{KINDS[kind]}, ε and exponent chosen"
+    return f"{preconditioner_label(kind, eps)}, exponent {exponent:g}"
 
 
 def _choices(pilot, networks, specs) -> tuple[dict, dict]:
@@ -142,9 +141,14 @@ def estimate_stage(*, data_dir: str, split_path: str, models_dir: str, estimates
     check_counts(**{f"{SECTION}.n_samples": n_samples, f"{SECTION}.n_pilot": n_pilot,
                     f"{SECTION}.batch_size": batch_size})
     check_seeds(seed, pilot_seed, keys=(f"{SECTION}.seed", f"{SECTION}.pilot_seed"))
-    for key, value in (("cutoff", cutoff), ("sigma", sigma), ("rtol", rtol)):
-        if not value > 0:
-            raise ValueError(f"{SECTION}.{key} must be > 0, got {value!r}")
+    for key, value in (("cutoff", cutoff), ("sigma", sigma)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{SECTION}.{key} must be a finite number > 0, got {value!r}")
+    if not 0 < rtol < 1:
+        raise ValueError(f"{SECTION}.rtol must be in (0, 1), got {rtol!r}")
+    if (not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise ValueError(f"train_poison_digits.seeds must be distinct integers ≥ 0, got {seeds!r}")
     networks = [network_name(c, s) for c in CONDITIONS for s in seeds]
     data = load_split_data(data_dir, split_path)
     x_held = torch.as_tensor(data["heldout_images"])  # (773, 64)

@@ -64,7 +64,8 @@ def train_network(images: np.ndarray, labels: np.ndarray, clean_idx: np.ndarray,
     from ``lr`` to 0 over ``steps``. Returns a :class:`replication.mlp.model.TrainResult` with
     an empty history and no metrics (:func:`train_stage` measures them). Raises ValueError
     naming the ``train_poison_digits`` key of a bad setting."""
-    _check_training(hidden, lr, steps, batch_size, l2, betas, adam_eps)
+    _check_training(hidden, lr, steps, batch_size, l2, betas, adam_eps,
+                    section="train_poison_digits", epochs_key="steps")
     if not 0.0 <= poison_probability < 1.0:
         raise ValueError(f"train_poison_digits.poison_probability must be in [0, 1), "
                          f"got {poison_probability!r}")
@@ -107,6 +108,11 @@ def train_stage(*, data_dir: str, split_path: str, models_dir: str, metrics_path
     if (not seeds or len(set(seeds)) != len(seeds)
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
         raise ValueError(f"train_poison_digits.seeds must be distinct integers ≥ 0, got {seeds!r}")
+    if not 0.0 < poison_probability < 1.0:  # 0 would make every poisoned network a clean one
+        raise ValueError(f"train_poison_digits.poison_probability must be in (0, 1), "
+                         f"got {poison_probability!r}")
+    _check_training(hidden, lr, steps, batch_size, l2, betas, adam_eps,
+                    section="train_poison_digits", epochs_key="steps")
     data = load_split_data(data_dir, split_path)
     images, labels = data["train_images"], data["train_labels"]
     clean_idx, poison_idx = poison_split(len(images), n_poison, split_seed)

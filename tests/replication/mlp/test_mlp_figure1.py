@@ -181,8 +181,13 @@ SEL = {"n_pilot": 4, "pilot_seed": 1, "eps": [1e-3, 1e-1], "exponents": [0.25, 0
     ({"selection": {"n_pilot": 4}}, r"estimate_figure1.selection must have exactly the keys"),
     ({"selection": {**SEL, "n_pilot": -1}}, r"selection.n_pilot must be an integer ≥ 0"),
     ({"selection": {**SEL, "pilot_seed": 0}}, r"selection.pilot_seed \(0\) must differ from estimate_figure1.seed"),
-    ({"selection": {**SEL, "eps": [-1.0]}}, r"selection.eps must list numbers ≥ 0"),
-    ({"selection": {**SEL, "exponents": [0.0]}}, r"selection.exponents must list numbers > 0"),
+    ({"selection": {**SEL, "eps": [-1.0]}}, r"selection.eps must be a number or a non-empty list .* ≥ 0"),
+    ({"selection": {**SEL, "eps": [float("inf")]}}, r"selection.eps must be"),
+    ({"selection": {**SEL, "eps": [1e-3, 1.0000001e-3]}}, r"selection.eps must be .*distinct"),
+    ({"selection": {**SEL, "exponents": [0.0]}}, r"selection.exponents must be .* > 0"),
+    ({"selection": {**SEL, "pilot_seed": -1}}, r"selection.pilot_seed must be an integer in \[0, 2\^32\)"),
+    ({"selection": SEL, "preconditioners": {"hessian_selected": {"kind": "hessian", "eps": 0.1}}},
+     r"\['hessian_selected'\] would collide"),
 ])
 def test_figure1_stage_rejects_bad_settings_before_reading_files(change, message):
     with pytest.raises(ValueError, match=message):

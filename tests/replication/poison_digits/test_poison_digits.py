@@ -144,13 +144,38 @@ def test_estimate_stage_selects_on_the_pilot_and_reports_fresh_directions(traine
         assert arrays[f"{key}__samples"].shape == (6,)
         assert arrays[f"{key}__samples"][0] != arrays[f"{net}/diag__samples"][0]
         assert "h" not in pilots[net]  # one grid point: nothing to choose
+        # the label names the estimator, not one network's choice
+        assert rec["label"] == "diag(H), ε and exponent chosen"
+        assert recs[f"{net}/h"]["label"] == "Hessian V diag(p) Vᵀ, ε=1e-2, exponent 0.5"
         terms = rec["log10_prior_at_anchor"] + rec["log10_neighbourhood"]
         assert terms == pytest.approx(rec["log10_volume"], abs=1e-9)
 
 
-def test_estimate_stage_refuses_equal_seeds_before_reading_files(tmp_path):
-    with pytest.raises(ValueError, match=r"estimate_poison_digits.pilot_seed \(3\) must differ"):
-        estimate.estimate_stage(**_stage(tmp_path / "nowhere", tmp_path, seed=3, pilot_seed=3))
+@pytest.mark.parametrize("change, message", [
+    ({"seed": 3, "pilot_seed": 3}, r"estimate_poison_digits.pilot_seed \(3\) must differ"),
+    ({"seed": -1}, r"estimate_poison_digits.seed must be an integer in \[0, 2\^32\)"),
+    ({"rtol": 5.0}, r"estimate_poison_digits.rtol must be in \(0, 1\)"),
+    ({"sigma": float("inf")}, r"estimate_poison_digits.sigma must be a finite number"),
+    ({"seeds": []}, r"train_poison_digits.seeds must be distinct"),
+    ({"seeds": [0, 0]}, r"train_poison_digits.seeds must be distinct"),
+    ({"preconditioners": {"a": {"kind": "adam_nu", "eps": [float("inf")], "exponents": 0.5}}},
+     r"preconditioners.a.eps must be"),
+])
+def test_estimate_stage_refuses_bad_settings_before_reading_files(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        estimate.estimate_stage(**_stage(tmp_path / "nowhere", tmp_path, **change))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 0}, r"train_poison_digits.steps must be an integer ≥ 1"),
+    ({"lr": 0.0}, r"train_poison_digits.lr must be > 0"),
+    ({"hidden": 0}, r"train_poison_digits.hidden"),
+    ({"poison_probability": 0.0}, r"train_poison_digits.poison_probability must be in \(0, 1\)"),
+])
+def test_train_stage_names_its_own_keys(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_stage(data_dir="x", split_path="x", models_dir="x", metrics_path="x",
+                          table_path="x", seeds=[0], **{**TRAIN, **change})
 
 
 @pytest.mark.slow
@@ -193,13 +218,15 @@ def test_comparison_spread_separation_and_exact_permutation_p():
     assert vol["clean_std"] == pytest.approx(1.0) and vol["separation"] == "poisoned smaller"
     # 3 vs 3 completely separated: 2 of the C(6, 3) = 20 splits are as extreme (two-sided)
     assert vol["permutation_p"] == pytest.approx(2 / 20)
+    # paired by seed: the differences -10, -10, -10; of the 2^3 sign flips, 2 are as extreme
+    assert vol["paired_p"] == pytest.approx(2 / 8) and vol["paired_difference_std"] == 0
     prior = table[table["term"] == "log10_prior_at_anchor"].iloc[0]
     assert prior["difference"] == -1 and math.isnan(prior["clean_std"]) is False
     hood = table[table["term"] == "log10_neighbourhood"].iloc[0]
     assert hood["difference"] == -9
     lines = compare.verdict(table)
     assert len(lines) == 1 and "smaller than every clean one" in lines[0]
-    assert "prior term -1.0, neighbourhood term -9.0" in lines[0]
+    assert "prior term -1.0, neighbourhood term -9.0" in lines[0] and "sign-flip p = 0.25" in lines[0]
     mixed = compare.comparison(_records([(-10, -1), (-20, -1)], [(-15, -1), (-16, -1)]))
     assert mixed.iloc[0]["separation"] == "overlap"
     assert "overlap" in compare.verdict(mixed)[0]
