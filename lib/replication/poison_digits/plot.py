@@ -35,7 +35,8 @@ def _strip(ax, frame: pd.DataFrame, x: str, y: str) -> None:
     """Points per seed and a bar at each condition's mean."""
     order = [c for c in PALETTE if c in set(frame["condition"])]
     sns.stripplot(frame, x=x, y=y, hue="condition", palette=PALETTE, order=None if x != "condition" else order,
-                  hue_order=order, dodge=x != "condition", jitter=0.15, size=4, ax=ax, legend=False)
+                  hue_order=order, dodge=x != "condition", jitter=False, size=4, ax=ax,
+                  legend=False)  # no jitter: it draws from numpy's global RNG (a rerun would differ)
     sns.pointplot(frame, x=x, y=y, hue="condition", palette=PALETTE, hue_order=order,
                   order=None if x != "condition" else order, dodge=0.4 if x != "condition" else False,
                   errorbar=None, markers="_", markersize=18, linestyle="none", ax=ax, legend=False)
