@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from replication.poisoning import poison_loss, sample_batch
 from replication.mlp.data import N_CLASSES, load_split_data
