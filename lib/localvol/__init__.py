@@ -1,7 +1,8 @@
 """localvol: estimate the local volume (prior probability) of trained neural networks.
 
 Reference replication of Scherlis & Belrose, "Estimating the Probability of Sampling a Trained
-Neural Network at Random". Main entry point: :func:`estimate_log_volume`; over many processes,
+Neural Network at Random". Main entry point: :func:`estimate_log_volume`; with an error bar,
+:func:`estimate_log_volume_reference`; over many processes,
 :func:`localvol.distributed.estimate_log_volume_distributed`.
 """
 from .adam import adam_moment
@@ -16,6 +17,7 @@ from .preconditioners import (
 )
 from .priors import GaussianPrior, LebesguePrior
 from .radius import RadiusResult, RadiusSearchError, find_radius
+from .reference import ReferenceEstimate, estimate_log_volume_reference
 from .selection import Selection, select_and_estimate
 from .ray_integral import log_gaussian_ray_integral, log_unit_ball_volume, log_unit_sphere_area
 
@@ -41,6 +43,8 @@ __all__ = [
     "RadiusResult",
     "RadiusSearchError",
     "find_radius",
+    "ReferenceEstimate",
+    "estimate_log_volume_reference",
     "Selection",
     "select_and_estimate",
     "log_gaussian_ray_integral",

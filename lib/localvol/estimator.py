@@ -350,7 +350,7 @@ class VolumeRun:
 
     def _search(self, idx, guide) -> None:
         """Radii and log terms of samples ``idx``, first guesses from the samples ``guide``."""
-        n, anchor, prior = self.n, self.anchor, self.prior
+        n, anchor = self.n, self.anchor
         if self._buffers is None or self._buffers.shape[1] < len(idx):
             # directions u and points θ0 + m v: (B, N) each, allocated once for all batches
             width = max(len(batch) for blocks in self.schedule for batch in blocks)
@@ -358,6 +358,34 @@ class VolumeRun:
         buffers = self._buffers
         u = sample_directions(n, idx, seed=self.seed, dtype=anchor.dtype, device=anchor.device,
                               out=buffers[0, : len(idx)])  # (B, N)
+        def guess(v_norm):  # the median multiplier of the guiding samples, times |v_i|
+            return None if guide is None else _initial_radii(self.store["multipliers"][guide], v_norm)
+
+        samples, res, log_u_norm = self.log_terms(u, guess, int(idx[0]), points_buffer=buffers[1])
+        store = self.store
+        store["samples"][idx] = samples
+        store["radii"][idx] = res.radius
+        store["cost_at_radius"][idx] = res.cost
+        store["direction_norms"][idx] = res.direction_norms / np.exp(log_u_norm)
+        store["evaluations"][idx] = res.evaluations
+        store["multipliers"][idx] = res.multiplier
+        self.done[idx] = True
+
+    def log_terms(self, u, guess=None, first_index=0, points_buffer=None):
+        """Radius search and per-sample log terms log w (eq. 15 / 19, nats) of the directions u.
+
+        Args:
+            u: (B, N) draws in the anchor's dtype and device (any length: only the direction of
+                P u counts; the preconditioner may work on u in place).
+            guess: None (a default first radius), a (B,) float64 array of first Euclidean
+                radii along P u, or a callable mapping the (B,) |P u| to such an array (or None).
+            first_index: the first row's number in error messages.
+            points_buffer: optional (≥ B, N) buffer for the search's points.
+
+        Returns:
+            (samples (B,) float64 log w_i, the :class:`RadiusResult` along v = P u, log|u_i| (B,)).
+        """
+        n, anchor, prior = self.n, self.anchor, self.prior
         if self.preconditioner is None:
             v = u
         else:  # |u| first: a preconditioner may work in place on u
@@ -373,26 +401,20 @@ class VolumeRun:
         if self.preconditioner is None:
             log_u_norm = log_v_norm
         v = v_search
-        guess = None if guide is None else _initial_radii(self.store["multipliers"][guide], v_norm)
+        if callable(guess):
+            guess = guess(v_norm)
         if guess is None:
             guess = 1e-3 * max(self.anchor_norm, 1.0)  # find_radius's own default, without its anchor pass
         res = find_radius(
             self.cost, anchor, v, cutoff=self.cutoff, rtol=self.rtol, max_radius=self.max_radius,
-            initial_radius=guess, anchor_cost=self.anchor_cost, first_index=int(idx[0]),
-            direction_norms=v_norm, points_buffer=buffers[1],
+            initial_radius=guess, anchor_cost=self.anchor_cost, first_index=first_index,
+            direction_norms=v_norm, points_buffer=points_buffer,
         )
-        store = self.store
         if isinstance(prior, GaussianPrior):
-            store["samples"][idx] = prior.log_terms_from_coefficients(
-                n, self.log_ray_constant, a, b, res.multiplier, log_u_norm)
+            samples = prior.log_terms_from_coefficients(n, self.log_ray_constant, a, b, res.multiplier, log_u_norm)
         else:
-            store["samples"][idx] = prior.log_terms(anchor, v, res.multiplier, log_u_norm)
-        store["radii"][idx] = res.radius
-        store["cost_at_radius"][idx] = res.cost
-        store["direction_norms"][idx] = res.direction_norms / np.exp(log_u_norm)
-        store["evaluations"][idx] = res.evaluations
-        store["multipliers"][idx] = res.multiplier
-        self.done[idx] = True
+            samples = prior.log_terms(anchor, v, res.multiplier, log_u_norm)
+        return samples, res, log_u_norm
 
     def result(self) -> VolumeEstimate:
         """The estimate of all k samples. ``cost_evaluations`` counts what one uninterrupted

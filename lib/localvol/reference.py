@@ -1,0 +1,756 @@
+"""A reference estimate of the local volume: sequential Monte Carlo over directions, with an
+error bar from independent runs (docs/method.md#reference-estimator).
+
+The paper's estimator (eq. 15 / 19) averages importance weights w(u) of k directions u drawn
+uniformly in the preconditioner's latent coordinates (v = P u):
+
+    μ(S) = E_{u ~ Unif(S^(N−1))}[ w(u) ],   log w(u) = the per-sample term of eq. 15 / 19.
+
+Its log is a Markov lower bound that sits at the largest sample (eq. 13-14). Here the same
+weights define a path of distributions on the sphere of latent directions,
+
+    τ_β(u) ∝ w(u)^β  (w.r.t. the uniform measure),   0 = β_0 < β_1 < ... < β_T = 1,
+
+and a population of M particles is carried from the paper's proposal (β = 0) to the
+distribution of directions in proportion to their share of the mass (β = 1): at each step the
+next temperature is chosen so that the effective sample size of the incremental weights
+w^(β'−β) is a fixed fraction of M, the particles are reweighted, resampled and moved by MCMC
+kernels that leave τ_β' invariant. The product of the mean incremental weights is an unbiased
+estimate of μ(S) (Del Moral, Doucet & Jasra 2006); with one temperature step (β_1 = 1) it is the
+paper's estimator on M directions.
+
+MCMC moves: preconditioned Crank-Nicolson in a lifted space. A direction u is lifted to
+y = u·χ_N / |C^(−1/2) u| (χ_N a chi variate, an exact Gibbs draw of the radius of y under
+N(0, C)); then y' = √(1−s²) y + s C^(1/2) ξ, u' = y'/|y'|, accepted with probability
+
+    min(1, w(u')^β ACG_C(u) / (w(u)^β ACG_C(u'))),   ACG_C(u) ∝ (uᵀ C⁻¹ u)^(−N/2),
+
+the angular central Gaussian density of C (det C = 1). The kernel leaves τ_β invariant for any
+diagonal C > 0; C is adapted to the particles (their per-coordinate second moments) so that the
+move follows the shape of τ_β, and s is adapted to an acceptance rate near 0.3. Each proposed
+direction needs one radius search, started from its parent's radius.
+
+Error bar: R ≥ 4 independent runs give log estimates L_r; by the log-normal central limit
+theorem for SMC normalising constants (Bérard, Del Moral & Doucet 2014),
+L_r ≈ N(log μ(S) − σ²/2, σ²). The estimate is mean(L) + s²/2 and the 95 % interval adds
+± t_(R−1) s/√R and the radius search's bias bound (N-fold the relative radius error rtol allows,
+measured per final particle). It covers the truth when the runs have mixed; runs that all miss
+the same part of the mass agree and do not show it (docs/method.md#reference-estimator).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+from scipy.stats import t as student_t
+from tqdm import tqdm
+
+from ._reduce import row_dot64, row_dots64
+from ._progress import cost_probe, fingerprint
+from .directions import sample_directions
+from .estimator import LN10, VolumeRun, _check_count, default_batch_size
+from .priors import LebesguePrior
+
+__all__ = ["ReferenceEstimate", "ReferenceRun", "estimate_log_volume_reference", "default_reference_rtol"]
+
+TARGET_ACCEPTANCE = 0.3
+"""Acceptance rate the pCN step size is steered to (0.2-0.4 is the usual range for random-walk
+type moves in high dimension)."""
+
+
+@dataclass
+class ReferenceRun:
+    """One sequential Monte Carlo run. Logs in nats.
+
+    Attributes:
+        log_volume: log of the run's unbiased estimate of μ(S).
+        paper_log_volume: log-mean-exp of the M initial weights: the paper's estimator on the
+            run's M directions (its one-temperature case).
+        betas: (T+1,) temperatures, 0 first, 1 last.
+        ess: (T,) effective sample size fraction of each step's incremental weights.
+        acceptance: (T,) mean acceptance rate of the moves after each step.
+        step_sizes: (T,) pCN step size s used at each step (last move).
+        unique_ancestors: (T,) distinct parents after each resampling.
+        cost_evaluations: cost evaluations of this run (searches and the exponent probe).
+        move_evaluations_per_search: mean evaluations of a radius search inside a move.
+        rtol_bias_bound: bound on |bias| of log_volume from the radius tolerance, nats.
+        local_exponent_min: smallest measured d log Δ / d log r at the final particles.
+        n_unbounded: final particles whose ray never reaches the cutoff (Gaussian prior).
+    """
+
+    log_volume: float
+    paper_log_volume: float
+    betas: np.ndarray
+    ess: np.ndarray
+    acceptance: np.ndarray
+    step_sizes: np.ndarray
+    unique_ancestors: np.ndarray
+    cost_evaluations: int
+    move_evaluations_per_search: float
+    rtol_bias_bound: float
+    local_exponent_min: float
+    n_unbounded: int
+    final_shape: np.ndarray = None
+
+    @property
+    def n_temperatures(self) -> int:
+        return len(self.betas) - 1
+
+    def to_dict(self) -> dict:
+        return {
+            "log_volume": self.log_volume,
+            "paper_log_volume": self.paper_log_volume,
+            "n_temperatures": self.n_temperatures,
+            "min_ess_fraction": float(self.ess.min()) if self.ess.size else None,
+            "mean_acceptance": float(self.acceptance.mean()) if self.acceptance.size else None,
+            "min_unique_ancestors": int(self.unique_ancestors.min()) if self.unique_ancestors.size else None,
+            "cost_evaluations": int(self.cost_evaluations),
+            "move_evaluations_per_search": self.move_evaluations_per_search,
+            "rtol_bias_bound": self.rtol_bias_bound,
+            "local_exponent_min": self.local_exponent_min,
+            "n_unbounded": self.n_unbounded,
+        }
+
+
+@dataclass
+class ReferenceEstimate:
+    """Result of :func:`estimate_log_volume_reference`. Logs natural (nats) unless named log10.
+
+    Attributes:
+        log_volume: mean(L_r) + s²/2 over the runs' log estimates L_r (log-normal CLT).
+        interval: 95 % (low, high), nats: ± t_(R−1, 0.975) s/√R ± rtol_bias_bound.
+        runs: the R :class:`ReferenceRun`.
+        spread: s, the standard deviation of L_r across runs, nats.
+        converged: False when s > max_spread (the log-normal CLT is not to be trusted) or a
+            run hit a diagnostic (see ``problems``).
+        problems: what made ``converged`` False, in words.
+        rtol_bias_bound: largest of the runs' bounds, nats (included in ``interval``).
+        paper_log_volume: the paper's estimator (log-mean-exp) with the caller's preconditioner
+            on M directions (the first pilot's initial ones; without pilots, all R·M of the runs).
+    """
+
+    log_volume: float
+    interval: tuple[float, float]
+    runs: list
+    spread: float
+    converged: bool
+    problems: list
+    rtol_bias_bound: float
+    paper_log_volume: float
+    log_prior_at_anchor: float | None
+    n_params: int
+    cutoff: float
+    rtol: float
+    seed: int
+    n_particles: int
+    n_moves: int
+    prior: str
+    preconditioner: str
+    cost_evaluations: int
+    wall_time_s: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def log10_volume(self) -> float:
+        return self.log_volume / LN10
+
+    @property
+    def log10_interval(self) -> tuple[float, float]:
+        return (self.interval[0] / LN10, self.interval[1] / LN10)
+
+    @property
+    def half_width(self) -> float:
+        return 0.5 * (self.interval[1] - self.interval[0])
+
+    @property
+    def run_log_volumes(self) -> np.ndarray:
+        return np.array([r.log_volume for r in self.runs])
+
+    def __repr__(self) -> str:
+        lo, hi = self.interval
+        return (
+            f"ReferenceEstimate(log_volume={self.log_volume:.6g} nats [{lo:.6g}, {hi:.6g}] "
+            f"(log10 {self.log10_volume:.6g}), runs={len(self.runs)}, spread={self.spread:.3g}, "
+            f"converged={self.converged}, paper_log_volume={self.paper_log_volume:.6g}, "
+            f"n_params={self.n_params}, cutoff={self.cutoff:g}, preconditioner={self.preconditioner}, "
+            f"cost_evaluations={self.cost_evaluations})"
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable aggregates (no wall time: a rerun writes the same record)."""
+        lp = self.log_prior_at_anchor
+        return {
+            "log_volume": self.log_volume,
+            "log10_volume": self.log10_volume,
+            "interval": list(self.interval),
+            "log10_interval": list(self.log10_interval),
+            "spread": self.spread,
+            "converged": self.converged,
+            "problems": list(self.problems),
+            "rtol_bias_bound": self.rtol_bias_bound,
+            "paper_log_volume": self.paper_log_volume,
+            "log_prior_at_anchor": lp,
+            "log_neighbourhood": None if lp is None else self.log_volume - lp,
+            "n_params": self.n_params,
+            "cutoff": self.cutoff,
+            "rtol": self.rtol,
+            "seed": self.seed,
+            "n_particles": self.n_particles,
+            "n_moves": self.n_moves,
+            "prior": self.prior,
+            "preconditioner": self.preconditioner,
+            "cost_evaluations": int(self.cost_evaluations),
+            "runs": [r.to_dict() for r in self.runs],
+            **self.meta,
+        }
+
+
+def default_reference_rtol(n_params: int, bias_nats: float = 0.05) -> float:
+    """rtol whose radius-search bias stays near ``bias_nats``: bias_nats / N, within [1e-8, 1e-2].
+
+    A point accepted with |Δ − c| ≤ rtol·c has a relative radius error ≤ rtol/p for a cost that
+    grows like r^p there (p = 2 for a quadratic cost, 1 for a norm), and each log term moves by
+    about N times the relative radius error (eq. 15): rtol = bias/N keeps it at bias/p.
+    """
+    return float(min(1e-2, max(1e-8, bias_nats / int(n_params))))
+
+
+def estimate_log_volume_reference(
+    cost,
+    anchor: torch.Tensor,
+    *,
+    cutoff: float,
+    prior,
+    preconditioner=None,
+    seed: int = 0,
+    n_particles: int = 256,
+    n_runs: int = 4,
+    n_moves: int = 8,
+    ess_fraction: float = 0.8,
+    max_temperatures: int = 2000,
+    max_spread: float = 1.5,
+    n_pilots: int = 2,
+    rtol: float | None = None,
+    batch_size: int | None = None,
+    max_radius: float | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ReferenceEstimate:
+    """Estimate log μ(S) with an error bar: tempered SMC over directions (module docstring).
+
+    The star domain, cost, prior and preconditioner are those of
+    :func:`localvol.estimate_log_volume`; the preconditioner sets the starting proposal (β = 0
+    is the paper's estimator with it) and the coordinates in which moves are adapted.
+
+    Args:
+        cost: batched cost (B, N) -> (B,), deterministic (checked: two evaluations of one
+            point must agree bit for bit).
+        anchor: (N,) float32/float64 tensor θ0, any device (float64 recommended: the
+            radius tolerance below is ~1e-5 at N ~ 5,000).
+        cutoff: float > 0, cost units.
+        prior: :class:`GaussianPrior` or :class:`LebesguePrior`.
+        preconditioner: None (naive) or an object with ``apply`` and ``n`` (eq. 15-18).
+        seed: int in [0, 2^32). Run r starts from directions r·M ... (r+1)·M − 1 of the
+            estimator's stream for this seed; its MCMC draws are keyed by (seed, r, step).
+        n_particles: M ≥ 16 particles per run.
+        n_runs: R ≥ 4 independent runs (the error bar's sample).
+        n_moves: pCN moves per temperature step (≥ 1).
+        ess_fraction: in (0, 1): each step's incremental weights keep this fraction of M as
+            effective sample size.
+        max_temperatures: steps allowed to reach β = 1; beyond, ValueError (progress kept).
+        max_spread: runs whose log estimates spread (sd) more than this, nats, are reported
+            as not converged.
+        n_pilots: pilot runs before the estimation runs (≥ 0): each fits a diagonal angular
+            central Gaussian shape to its final particles, and the next run (pilot or
+            estimation) starts from the proposal P0 ∘ diag(√c) (still unit determinant). The
+            estimation runs use no pilot draw, so they stay unbiased for μ(S).
+        rtol: radius-search tolerance (None: :func:`default_reference_rtol`).
+        batch_size: directions per cost call (None: the estimator's default for M).
+        max_radius: as :func:`localvol.estimate_log_volume`.
+        checkpoint_path: optional .npz; the state is written atomically after every
+            temperature step and a rerun with the same settings, cost and code resumes it
+            (bit-identical to an uninterrupted run); other settings are refused.
+        progress: a tqdm bar per run over temperature steps.
+
+    Returns:
+        :class:`ReferenceEstimate`.
+
+    Raises:
+        ValueError: bad arguments (as the estimator, plus n_particles < 16, n_runs < 4,
+            n_moves < 1, ess_fraction outside (0, 1)); a cost that is not deterministic; a
+            Lebesgue body unbounded along some direction (infinite volume); particles that
+            collapse onto one ancestor; a schedule that does not reach β = 1 within
+            max_temperatures; a checkpoint of other settings. What was computed stays in
+            checkpoint_path.
+    """
+    t0 = time.perf_counter()
+    n_particles = _check_count(n_particles, "n_particles", "an integer ≥ 16")
+    n_runs = _check_count(n_runs, "n_runs", "an integer ≥ 4")
+    if isinstance(n_pilots, bool) or not isinstance(n_pilots, (int, np.integer)) or n_pilots < 0:
+        raise ValueError(f"n_pilots must be an integer ≥ 0, got {n_pilots!r}")
+    n_moves = _check_count(n_moves, "n_moves", "an integer ≥ 1")
+    max_temperatures = _check_count(max_temperatures, "max_temperatures", "an integer ≥ 1")
+    if n_particles < 16:
+        raise ValueError(f"n_particles must be an integer ≥ 16, got {n_particles}")
+    if n_runs < 4:
+        raise ValueError(f"n_runs must be an integer ≥ 4 (the error bar needs independent runs), got {n_runs}")
+    if not (isinstance(ess_fraction, (int, float)) and 0 < ess_fraction < 1):
+        raise ValueError(f"ess_fraction must be in (0, 1), got {ess_fraction!r}")
+    if not (isinstance(max_spread, (int, float)) and max_spread > 0):
+        raise ValueError(f"max_spread must be > 0 nats, got {max_spread!r}")
+    if not isinstance(anchor, torch.Tensor) or anchor.ndim != 1:
+        raise ValueError(f"anchor must be a 1-D float32/float64 tensor, got {type(anchor).__name__} "
+                         f"{tuple(getattr(anchor, 'shape', ()))}")
+    n = anchor.numel()
+    rtol = default_reference_rtol(n) if rtol is None else rtol
+    if batch_size is None:
+        batch_size = default_batch_size(n_particles, n)
+    # VolumeRun validates everything the estimator does and holds the run constants; its own
+    # sample store is not used (one sample, never searched)
+    base = VolumeRun(cost, anchor, cutoff=cutoff, n_samples=1, prior=prior, preconditioner=preconditioner,
+                     rtol=rtol, batch_size=batch_size, seed=seed, max_radius=max_radius)
+    _check_deterministic(cost, base.anchor, seed)
+    smc = _Sampler(base, n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed)
+    state_key = None
+    saved = {}
+    if checkpoint_path is not None:
+        state_key = _state_key(base, n_particles, n_runs, n_moves, ess_fraction, max_temperatures, batch_size)
+        saved = _load_state(checkpoint_path, state_key)
+    def save_as(r):
+        def save(state):
+            if checkpoint_path is not None:
+                saved[r] = state
+                _save_state(checkpoint_path, state_key, saved)
+        return save
+
+    # pilot runs (numbered after the estimation runs): each fits the diagonal ACG shape of the
+    # final particles, and the next run starts from the proposal with that shape
+    shape, pilot_evaluations = None, 0
+    for p in range(n_pilots):
+        sampler = smc if shape is None else _Sampler(
+            _shaped_base(base, shape), n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed)
+        pilot = sampler.run(n_runs + p, saved.get(n_runs + p), save_as(n_runs + p), progress)
+        pilot_evaluations += pilot.cost_evaluations
+        shape = pilot.final_shape if shape is None else _normalised(shape * pilot.final_shape)
+    estimation = smc if shape is None else _Sampler(
+        _shaped_base(base, shape), n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed)
+    runs = [estimation.run(r, saved.get(r), save_as(r), progress) for r in range(n_runs)]
+    return _combine(runs, base, estimation, n_particles, n_moves, max_spread, time.perf_counter() - t0,
+                    n_pilots, shape, pilot_evaluations, smc.initial_weights.get(n_runs))
+
+
+def _combine(runs, base, smc, n_particles, n_moves, max_spread, wall, n_pilots, shape, pilot_evaluations,
+             paper_weights=None):
+    L = np.array([r.log_volume for r in runs])
+    R = len(L)
+    m, s = float(L.mean()), float(L.std(ddof=1))
+    bias = float(max(r.rtol_bias_bound for r in runs))
+    half = float(student_t.ppf(0.975, R - 1)) * s / math.sqrt(R)
+    estimate = m + 0.5 * s * s
+    problems = []
+    if not math.isfinite(s) or s > max_spread:
+        problems.append(f"the runs' log estimates spread by sd {s:.3g} nats > max_spread = {max_spread:g}: "
+                        "the log-normal error bar is not to be trusted; use more particles, more moves "
+                        "(n_moves) or a better preconditioner")
+    if not math.isfinite(bias):
+        problems.append("the radius tolerance's bias could not be bounded (a cost that does not grow at "
+                        "the crossing); lower rtol")
+    for i, r in enumerate(runs):
+        if r.acceptance.size and r.acceptance.min() < 0.02:
+            problems.append(f"run {i}: a move's acceptance rate fell to {r.acceptance.min():.3g}: the "
+                            "particles hardly moved at some temperature")
+    # the paper's estimator with the caller's preconditioner: the first pilot's initial weights
+    # (or, without pilots, those of the estimation runs)
+    initial = (paper_weights if paper_weights is not None
+               else np.concatenate([smc.initial_weights[i] for i in range(R)]))
+    return ReferenceEstimate(
+        log_volume=estimate,
+        interval=(estimate - half - bias, estimate + half + bias),
+        runs=runs,
+        spread=s,
+        converged=not problems,
+        problems=problems,
+        rtol_bias_bound=bias,
+        paper_log_volume=float(logsumexp(initial) - math.log(initial.size)),
+        log_prior_at_anchor=base.log_prior_at_anchor,
+        n_params=base.n,
+        cutoff=base.cutoff,
+        rtol=base.rtol,
+        seed=base.seed,
+        n_particles=n_particles,
+        n_moves=n_moves,
+        prior=repr(base.prior),
+        preconditioner="naive" if base.preconditioner is None else repr(base.preconditioner),
+        cost_evaluations=1 + 2 + sum(r.cost_evaluations for r in runs) + pilot_evaluations,
+        wall_time_s=wall,
+        meta={"n_pilots": n_pilots,
+              "pilot_shape_log_sd": None if shape is None else float(np.log(shape).std())},
+    )
+
+
+class _Sampler:
+    """The SMC of one run, over the latent directions of ``base`` (a VolumeRun)."""
+
+    def __init__(self, base, n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed):
+        self.base, self.M, self.n_moves = base, n_particles, n_moves
+        self.ess_fraction, self.max_temperatures = ess_fraction, max_temperatures
+        self.batch_size, self.seed = batch_size, seed
+        self.n = base.n
+        self.dtype, self.device = base.anchor.dtype, base.anchor.device
+        self.initial_weights = {}
+
+    # -- weights -------------------------------------------------------------------------------
+    def weights(self, z, guess):
+        """log w of the (M, N) latent directions z, searched in batches; guess: (M,) radii or None.
+
+        Returns (log w (M,), Euclidean radii (M,), evaluations (M,))."""
+        out_w, out_r, out_e = [], [], []
+        for s in range(0, len(z), self.batch_size):
+            zb = z[s : s + self.batch_size].clone()  # a preconditioner may work in place
+            gb = None if guess is None else guess[s : s + self.batch_size]
+            if gb is None and out_r:  # later batches of the first search: the median so far
+                finite = np.concatenate(out_r)
+                finite = finite[np.isfinite(finite)]
+                gb = None if finite.size == 0 else np.full(len(zb), float(np.median(finite)))
+            w, res, _ = self.base.log_terms(zb, gb, first_index=s)
+            if isinstance(self.base.prior, LebesguePrior) and np.isinf(res.radius).any():
+                i = s + int(np.flatnonzero(np.isinf(res.radius))[0])
+                raise ValueError(
+                    f"the body is unbounded along particle {i}'s direction (the cost stays below the "
+                    f"cutoff {self.base.cutoff:g} up to max_radius = {self.base.max_radius:g}): its "
+                    "Lebesgue volume is infinite; use a GaussianPrior or a cost that bounds the "
+                    "neighbourhood")
+            out_w.append(w), out_r.append(res.radius), out_e.append(res.evaluations)
+        return np.concatenate(out_w), np.concatenate(out_r), np.concatenate(out_e)
+
+    # -- one run -------------------------------------------------------------------------------
+    def run(self, r, state, save, progress) -> ReferenceRun:
+        M, n = self.M, self.n
+        if state is None:
+            z = sample_directions(n, range(r * M, (r + 1) * M), seed=self.seed, dtype=self.dtype,
+                                  device=self.device)  # (M, N)
+            logw, radius, evals = self.weights(z, None)
+            state = dict(z=z.cpu().numpy(), logw=logw, radius=radius, initial=logw.copy(),
+                         c=np.ones(n), step_size=np.array(0.5), betas=np.array([0.0]), log_z=np.array(0.0),
+                         ess=np.zeros(0), acceptance=np.zeros(0), step_sizes=np.zeros(0),
+                         ancestors=np.zeros(0, np.int64), evaluations=np.array(int(evals.sum())),
+                         move_evaluations=np.array(0), move_searches=np.array(0))
+            save(state)
+        self.initial_weights[r] = state["initial"]
+        bar = tqdm(total=1.0, initial=float(state["betas"][-1]), disable=not progress,
+                   desc=f"reference run {r}", bar_format="{l_bar}{bar}| β={n:.4f} [{elapsed}]")
+        while state["betas"][-1] < 1.0:
+            t = len(state["betas"]) - 1
+            if t >= self.max_temperatures:
+                bar.close()
+                raise ValueError(
+                    f"reference run {r} reached only β = {state['betas'][-1]:.4g} after max_temperatures = "
+                    f"{self.max_temperatures} steps: the proposal is too far from the target to bridge "
+                    "within this budget; raise max_temperatures or start from a better preconditioner"
+                    + ("" if save is None else " (the steps so far are kept in the checkpoint)"))
+            state = self.step(r, t, state)
+            save(state)
+            bar.n = float(state["betas"][-1])
+            bar.refresh()
+        bar.close()
+        return self.finish(r, state)
+
+    def step(self, r, t, state) -> dict:
+        """Temperature step t: next β by ESS, reweight, resample, adapt, move."""
+        M = self.M
+        beta = float(state["betas"][-1])
+        logw = state["logw"]
+        delta = _next_increment(logw, 1.0 - beta, self.ess_fraction)
+        inc = delta * logw
+        log_mean = float(logsumexp(inc) - math.log(M))
+        ess = float(np.exp(2 * logsumexp(inc) - logsumexp(2 * inc))) / M
+        new_beta = 1.0 if delta >= 1.0 - beta else beta + delta
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, r, t, 0]))
+        parents = _systematic_resample(inc, rng)
+        unique = int(np.unique(parents).size)
+        if unique == 1:
+            raise ValueError(
+                f"reference run {r}: the particles collapsed onto one ancestor at β = {new_beta:.4g} "
+                "(one direction holds all the weight): use more particles, or a preconditioner "
+                "closer to the neighbourhood's shape")
+        z = torch.as_tensor(state["z"][parents], device=self.device)
+        logw, radius = logw[parents].copy(), state["radius"][parents].copy()
+        c = np.asarray(state["c"], dtype=np.float64)
+        step_size = float(state["step_size"])
+        acc_total, evals, searches = 0.0, 0, 0
+        gen = torch.Generator(device=self.device)
+        halves = [np.arange(h, M, 2) for h in (0, 1)]
+        for j in range(self.n_moves):
+            for h, mine in enumerate(halves):
+                # each half moves with C fitted to the other half (held fixed meanwhile), so a
+                # particle's proposal never depends on itself: no self-reinforcing fit
+                c = _adapt_scales(z[halves[1 - h]], c)
+                key = np.random.SeedSequence([self.seed, r, t, j + 1, h]).generate_state(1, np.uint64)[0]
+                gen.manual_seed(int(key >> np.uint64(1)))
+                zh, lh, rh, acc, e = self.move(z[mine], logw[mine], radius[mine], new_beta, c, step_size, gen, rng)
+                z[mine], logw[mine], radius[mine] = zh, lh, rh
+                evals += int(e.sum())
+                searches += len(e)
+                acc_total += acc * len(mine) / M
+            # Robbins-Monro on log s towards the target acceptance
+            step_size = float(np.clip(step_size * math.exp(acc_total / (j + 1) - TARGET_ACCEPTANCE), 1e-4, 1.0))
+        move_evals = evals
+        return dict(
+            z=z.cpu().numpy(), logw=logw, radius=radius, initial=state["initial"], c=c,
+            step_size=np.array(step_size), betas=np.append(state["betas"], new_beta),
+            log_z=np.array(float(state["log_z"]) + log_mean), ess=np.append(state["ess"], ess),
+            acceptance=np.append(state["acceptance"], acc_total / self.n_moves),
+            step_sizes=np.append(state["step_sizes"], step_size),
+            ancestors=np.append(state["ancestors"], unique),
+            evaluations=np.array(int(state["evaluations"]) + evals),
+            move_evaluations=np.array(int(state["move_evaluations"]) + move_evals),
+            move_searches=np.array(int(state["move_searches"]) + searches),
+        )
+
+    def move(self, z, logw, radius, beta, c, s, gen, rng):
+        """One pCN move of every particle, invariant for τ_β (module docstring)."""
+        M, n = z.shape
+        c_t = torch.as_tensor(c, dtype=torch.float64, device=z.device)
+        inv_c = 1.0 / c_t
+        q = row_dots64((z, None, inv_c))[0].cpu().numpy()  # zᵀC⁻¹z
+        chi = np.sqrt(rng.chisquare(n, size=M))
+        lift = torch.as_tensor(chi / np.sqrt(q), dtype=z.dtype, device=z.device)
+        xi = torch.randn(M, n, generator=gen, dtype=z.dtype, device=z.device)
+        y = math.sqrt(1.0 - s * s) * lift[:, None] * z + s * torch.sqrt(c_t).to(z.dtype) * xi
+        z_new = y / torch.linalg.vector_norm(y, dim=1, keepdim=True)
+        q_new = row_dots64((z_new, None, inv_c))[0].cpu().numpy()
+        guess = np.where(np.isfinite(radius), radius, self.base.max_radius)
+        logw_new, radius_new, evals = self.weights(z_new, guess)
+        # log acceptance: β Δlog w − [log ACG_C(u') − log ACG_C(u)], log ACG_C = −(N/2) log(uᵀC⁻¹u)
+        log_alpha = beta * (logw_new - logw) + 0.5 * n * (np.log(q_new) - np.log(q))
+        accept = np.log(rng.uniform(size=M)) < log_alpha
+        acc_t = torch.as_tensor(accept, device=z.device)
+        z = torch.where(acc_t[:, None], z_new, z)
+        logw = np.where(accept, logw_new, logw)
+        radius = np.where(accept, radius_new, radius)
+        return z, logw, radius, float(accept.mean()), evals
+
+    def finish(self, r, state) -> ReferenceRun:
+        """The run's result, with the radius tolerance's bias bound at the final particles."""
+        z = torch.as_tensor(state["z"], device=self.device)
+        exponent, sensitivity, evals = self._local_exponents(z, state["radius"])
+        rtol = self.base.rtol
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_particle = np.where(np.isfinite(state["radius"]), sensitivity * math.log1p(rtol) / exponent, 0.0)
+        finite = np.isfinite(state["radius"])
+        bad = finite & ~(exponent > 0)
+        bound = float("inf") if bad.any() else float(np.mean(np.abs(per_particle)))
+        searches = int(state["move_searches"])
+        return ReferenceRun(
+            log_volume=float(state["log_z"]),
+            paper_log_volume=float(logsumexp(state["initial"]) - math.log(len(state["initial"]))),
+            betas=state["betas"], ess=state["ess"], acceptance=state["acceptance"],
+            step_sizes=state["step_sizes"], unique_ancestors=state["ancestors"],
+            cost_evaluations=int(state["evaluations"]) + evals,
+            move_evaluations_per_search=float(state["move_evaluations"]) / searches if searches else float("nan"),
+            rtol_bias_bound=bound,
+            local_exponent_min=float(exponent[finite].min()) if finite.any() else float("nan"),
+            n_unbounded=int((~finite).sum()),
+            final_shape=_shrunk(_adapt_scales(z, state["c"]), len(z)),
+        )
+
+    def _local_exponents(self, z, radius):
+        """p = d log Δ / d log r at each final particle's crossing (one more cost evaluation
+        each) and the sensitivity d log w / d log r of its log term (no cost evaluation)."""
+        base = self.base
+        h = 1e-3
+        M = len(z)
+        exponent = np.full(M, np.nan)
+        sensitivity = np.zeros(M)
+        evals = 0
+        for s in range(0, M, self.batch_size):
+            idx = np.arange(s, min(s + self.batch_size, M))
+            ok = idx[np.isfinite(radius[idx])]
+            if ok.size == 0:
+                continue
+            u = z[ok].clone()
+            v = u if base.preconditioner is None else base.preconditioner.apply(u)
+            v = v.to(base.anchor.device, base.anchor.dtype)
+            v_hat = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+            r_t = torch.as_tensor(radius[ok], dtype=base.anchor.dtype, device=base.anchor.device)
+            pts = torch.cat([base.anchor + r_t[:, None] * v_hat, base.anchor + (r_t * (1 + h))[:, None] * v_hat])
+            with torch.no_grad():
+                vals = torch.as_tensor(base.cost(pts)).detach().double().cpu().numpy() - base.anchor_cost
+            evals += len(pts)
+            d0, d1 = vals[: len(ok)], vals[len(ok):]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                exponent[ok] = np.log(d1 / d0) / math.log1p(h)
+            sensitivity[ok] = _log_term_sensitivity(base, v_hat, radius[ok], h)
+        return exponent, sensitivity, evals
+
+
+class _ShapedPreconditioner:
+    """P0 ∘ diag(√c): the proposal of a run that starts from a pilot's fitted shape c (det 1,
+    so the estimator of eq. 15 stays unbiased)."""
+
+    def __init__(self, inner, shape):
+        self.inner = inner
+        self.root = torch.as_tensor(np.sqrt(shape))
+        self.n = len(shape)
+
+    def apply(self, u):
+        u = u * self.root.to(u.device, u.dtype)
+        return u if self.inner is None else self.inner.apply(u)
+
+    def __repr__(self):
+        return f"Shaped({self.inner!r}, pilot shape sd(log c) = {float(torch.log(self.root).std() * 2):.3g})"
+
+
+def _shaped_base(base, shape):
+    """A copy of the VolumeRun ``base`` whose preconditioner starts from the pilot's shape."""
+    import copy
+    shaped = copy.copy(base)
+    shaped.preconditioner = _ShapedPreconditioner(base.preconditioner, shape)
+    return shaped
+
+
+def _log_term_sensitivity(base, v_hat, radius, h):
+    """d log w / d log r of the per-sample term at the radius (finite difference in log r):
+    N for the Lebesgue measure; from the Gaussian ray integral otherwise."""
+    if isinstance(base.prior, LebesguePrior):
+        return np.full(len(radius), float(base.n))
+    from .ray_integral import log_gaussian_ray_integral
+    a, b = base.prior.ray_coefficients(base.anchor, v_hat)
+    lo = log_gaussian_ray_integral(a, b, base.n, radius)
+    hi = log_gaussian_ray_integral(a, b, base.n, radius * (1 + h))
+    return (hi - lo) / math.log1p(h)
+
+
+def _next_increment(logw, remaining, ess_fraction) -> float:
+    """Largest Δ ≤ remaining with ESS(exp(Δ log w)) ≥ ess_fraction · M (bisection)."""
+    M = len(logw)
+    if not np.all(np.isfinite(logw)):
+        raise ValueError("a particle's log weight is not finite; the cost or the body is broken there")
+
+    def ess(d):
+        x = d * logw
+        return math.exp(2 * logsumexp(x) - logsumexp(2 * x)) / M
+
+    if ess(remaining) >= ess_fraction:
+        return remaining
+    lo, hi = 0.0, remaining
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if ess(mid) >= ess_fraction:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-15 * max(hi, 1e-300):
+            break
+    if lo == 0.0:
+        lo = hi  # one particle dominates even the smallest step: take the step, resampling keeps it
+    return lo
+
+
+def _systematic_resample(log_weights, rng) -> np.ndarray:
+    """Systematic resampling: M parent indices in proportion to exp(log_weights)."""
+    M = len(log_weights)
+    w = np.exp(log_weights - logsumexp(log_weights))
+    positions = (rng.uniform() + np.arange(M)) / M
+    cum = np.cumsum(w)
+    cum[-1] = 1.0
+    return np.searchsorted(cum, positions, side="right").clip(0, M - 1)
+
+
+def _adapt_scales(z, previous, iterations: int = 20) -> np.ndarray:
+    """Diagonal C for the moves, fitted to the particles' directions: the maximum-likelihood
+    angular central Gaussian with diagonal C (Tyler's fixed point, c_j ← (N/M) Σ_i z_ij² / z_iᵀC⁻¹z_i),
+    started from the previous C and normalised to geometric mean 1 (det C = 1)."""
+    M, n = z.shape
+    z2 = (z.double() ** 2).cpu().numpy()  # (M, N)
+    c = np.asarray(previous, dtype=np.float64)
+    for _ in range(iterations):
+        q = z2 @ (1.0 / c)  # (M,) zᵀC⁻¹z
+        c = (n / M) * ((z2 / q[:, None]).sum(0))
+        c = np.maximum(c, 1e-12 * c.max())
+        c = np.exp(np.log(c) - np.log(c).mean())
+    return c
+
+
+def _shrunk(c, m):
+    """The fitted shape with its log shrunk towards 0 by the share of its spread that M particles'
+    sampling noise explains (each log c_j has variance ≈ 2/M under a matched proposal, James-Stein
+    style): a pilot of a proposal that already fits leaves it as it is."""
+    log_c = np.log(c) - np.log(c).mean()
+    spread = float(np.mean(log_c**2))
+    keep = max(0.0, 1.0 - (2.0 / m) / spread) if spread > 0 else 0.0
+    return np.exp(keep * log_c)
+
+
+def _normalised(c):
+    log_c = np.log(c)
+    return np.exp(log_c - log_c.mean())
+
+
+def _check_deterministic(cost, anchor, seed) -> None:
+    """Two evaluations of the same point must agree bit for bit (a cost with dropout on, or one
+    that samples its data, gives an SMC whose acceptances mean nothing)."""
+    d = sample_directions(anchor.numel(), [2**31 - 2], seed=seed, dtype=anchor.dtype, device=anchor.device)
+    point = anchor[None] + 1e-2 * max(float(row_dot64(anchor).sqrt()), 1.0) * d
+    with torch.no_grad():
+        first = torch.as_tensor(cost(point.clone())).detach().double().cpu().numpy()
+        second = torch.as_tensor(cost(point.clone())).detach().double().cpu().numpy()
+    if not np.array_equal(first, second, equal_nan=True):
+        raise ValueError(
+            f"the cost is not deterministic: two evaluations of one point gave {first.tolist()} and "
+            f"{second.tolist()}; put the model in eval mode (dropout off), fix its data, or make its "
+            "kernels deterministic (torch.use_deterministic_algorithms)")
+
+
+# -- progress files -----------------------------------------------------------------------------
+_RUN_FIELDS = ("z", "logw", "radius", "initial", "c", "step_size", "betas", "log_z", "ess", "acceptance",
+               "step_sizes", "ancestors", "evaluations", "move_evaluations", "move_searches")
+
+
+def _state_key(base, n_particles, n_runs, n_moves, ess_fraction, max_temperatures, batch_size) -> str:
+    probe = cost_probe(base.cost, base.anchor, base.anchor_cost, base.seed)
+    parts = [fingerprint(base.anchor, base.cutoff, base.rtol, base.seed, base.prior, base.preconditioner,
+                         base.max_radius, 1, batch_size, base.block_size),
+             n_particles, n_runs, n_moves, ess_fraction, max_temperatures, probe.tobytes().hex()]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _load_state(path, key) -> dict:
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        f = np.load(path, allow_pickle=False)
+        saved_key = str(f["key"])
+        runs = int(f["runs"])
+    except Exception as err:
+        raise ValueError(f"reference checkpoint {path} cannot be read ({err!r}); delete it to start afresh") from None
+    with f:
+        if saved_key != key:
+            raise ValueError(
+                f"reference checkpoint {path} was written with other settings, another cost or another "
+                "version of localvol; delete it to start afresh")
+        return {r: {name: f[f"{r}/{name}"] for name in _RUN_FIELDS} for r in range(runs) if f"{r}/z" in f.files}
+
+
+def _save_state(path, key, saved) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{r}/{name}": np.asarray(state[name]) for r, state in saved.items() for name in _RUN_FIELDS}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, key=np.array(key), runs=np.array(max(saved) + 1), **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
