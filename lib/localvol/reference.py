@@ -302,7 +302,7 @@ def estimate_log_volume_reference(
         raise ValueError(f"n_particles must be an integer ≥ 16, got {n_particles}")
     if n_runs < 4:
         raise ValueError(f"n_runs must be an integer ≥ 4 (the error bar needs independent runs), got {n_runs}")
-    if not (isinstance(ess_fraction, (int, float)) and 0 < ess_fraction < 1):
+    if not (isinstance(ess_fraction, (int, float, np.floating)) and 0 < ess_fraction < 1):
         raise ValueError(f"ess_fraction must be in (0, 1), got {ess_fraction!r}")
     if not (isinstance(max_spread, (int, float)) and max_spread > 0):
         raise ValueError(f"max_spread must be > 0 nats, got {max_spread!r}")
@@ -319,10 +319,12 @@ def estimate_log_volume_reference(
                      rtol=rtol, batch_size=batch_size, seed=seed, max_radius=max_radius)
     _check_deterministic(cost, base.anchor, seed)
     smc = _Sampler(base, n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed)
+    _Sampler.checkpointed = checkpoint_path is not None  # read by every sampler of this call
     state_key = None
     saved = {}
     if checkpoint_path is not None:
-        state_key = _state_key(base, n_particles, n_runs, n_moves, ess_fraction, max_temperatures, batch_size)
+        # max_temperatures only decides where a run stops, not its path: not in the key
+        state_key = _state_key(base, n_particles, n_runs, n_moves, ess_fraction, n_pilots, batch_size)
         saved = _load_state(checkpoint_path, state_key)
     def save_as(r):
         def save(state):
@@ -455,7 +457,7 @@ class _Sampler:
                     f"reference run {r} reached only β = {state['betas'][-1]:.4g} after max_temperatures = "
                     f"{self.max_temperatures} steps: the proposal is too far from the target to bridge "
                     "within this budget; raise max_temperatures or start from a better preconditioner"
-                    + ("" if save is None else " (the steps so far are kept in the checkpoint)"))
+                    + (" (the steps so far are kept in the checkpoint)" if self.checkpointed else ""))
             state = self.step(r, t, state)
             save(state)
             bar.n = float(state["betas"][-1])
@@ -544,7 +546,7 @@ class _Sampler:
         exponent, sensitivity, evals = self._local_exponents(z, state["radius"])
         rtol = self.base.rtol
         with np.errstate(divide="ignore", invalid="ignore"):
-            per_particle = np.where(np.isfinite(state["radius"]), sensitivity * math.log1p(rtol) / exponent, 0.0)
+            per_particle = np.where(np.isfinite(state["radius"]), sensitivity * -math.log1p(-rtol) / exponent, 0.0)
         finite = np.isfinite(state["radius"])
         bad = finite & ~(exponent > 0)
         bound = float("inf") if bad.any() else float(np.mean(np.abs(per_particle)))
@@ -715,11 +717,11 @@ _RUN_FIELDS = ("z", "logw", "radius", "initial", "c", "step_size", "betas", "log
                "step_sizes", "ancestors", "evaluations", "move_evaluations", "move_searches")
 
 
-def _state_key(base, n_particles, n_runs, n_moves, ess_fraction, max_temperatures, batch_size) -> str:
+def _state_key(base, n_particles, n_runs, n_moves, ess_fraction, n_pilots, batch_size) -> str:
     probe = cost_probe(base.cost, base.anchor, base.anchor_cost, base.seed)
     parts = [fingerprint(base.anchor, base.cutoff, base.rtol, base.seed, base.prior, base.preconditioner,
                          base.max_radius, 1, batch_size, base.block_size),
-             n_particles, n_runs, n_moves, ess_fraction, max_temperatures, probe.tobytes().hex()]
+             n_particles, n_runs, n_moves, ess_fraction, n_pilots, probe.tobytes().hex()]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
