@@ -319,7 +319,6 @@ def estimate_log_volume_reference(
                      rtol=rtol, batch_size=batch_size, seed=seed, max_radius=max_radius)
     _check_deterministic(cost, base.anchor, seed)
     smc = _Sampler(base, n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed)
-    _Sampler.checkpointed = checkpoint_path is not None  # read by every sampler of this call
     state_key = None
     saved = {}
     if checkpoint_path is not None:
@@ -331,6 +330,7 @@ def estimate_log_volume_reference(
             if checkpoint_path is not None:
                 saved[r] = state
                 _save_state(checkpoint_path, state_key, saved)
+        save.keeps = checkpoint_path is not None  # whether a stopped run's steps are kept
         return save
 
     # pilot runs (numbered after the estimation runs): each fits the diagonal ACG shape of the
@@ -457,7 +457,7 @@ class _Sampler:
                     f"reference run {r} reached only β = {state['betas'][-1]:.4g} after max_temperatures = "
                     f"{self.max_temperatures} steps: the proposal is too far from the target to bridge "
                     "within this budget; raise max_temperatures or start from a better preconditioner"
-                    + (" (the steps so far are kept in the checkpoint)" if self.checkpointed else ""))
+                    + (" (the steps so far are kept in the checkpoint)" if save.keeps else ""))
             state = self.step(r, t, state)
             save(state)
             bar.n = float(state["betas"][-1])
