@@ -22,10 +22,13 @@ def direction_seed(seed: int, index: int) -> int:
 def sample_directions(n_params: int, indices, *, seed: int, dtype, device, out=None) -> torch.Tensor:
     """Isotropic unit vectors u_i (B, N), one independent stream per sample index.
 
-    Row b is direction ``indices[b]``: a standard normal vector drawn from a generator seeded
-    with :func:`direction_seed` (seed, i), then normalised. It depends only on (seed, i) and on
-    the device type (CPU and CUDA generators differ), not on the batch size, the batch's other
-    indices, resuming, or which process or device of that type draws it.
+    Row b is direction ``indices[b]``: a standard normal vector drawn IN FLOAT64 from a
+    generator seeded with :func:`direction_seed` (seed, i), cast to ``dtype``, then normalised.
+    It depends only on (seed, i) and on the device type (CPU and CUDA generators differ), not
+    on the batch size, the batch's other indices, resuming, or which process or device of that
+    type draws it; and a float32 run uses the float64 run's directions rounded to float32 (up
+    to the rounding of the normalisation), not another stream. A float32 draw takes one float64
+    row (8N bytes) of scratch memory.
 
     Args:
         n_params: N. indices: iterable of non-negative ints. seed: int in [0, 2^32).
@@ -44,7 +47,13 @@ def sample_directions(n_params: int, indices, *, seed: int, dtype, device, out=N
                          f"{device}, got {tuple(out.shape)} {out.dtype} on {out.device}"
                          f"{'' if out.is_contiguous() else ', not contiguous'}")
     gen = torch.Generator(device=device)
+    # float64 draws for every dtype (draw once, cast): the same directions whatever the dtype
+    scratch = None if out.dtype == torch.float64 else torch.empty(n_params, dtype=torch.float64, device=device)
     for row, i in enumerate(indices):
         gen.manual_seed(direction_seed(seed, i))
-        torch.randn(n_params, generator=gen, dtype=dtype, device=device, out=out[row])
+        if scratch is None:
+            torch.randn(n_params, generator=gen, dtype=torch.float64, device=device, out=out[row])
+        else:
+            torch.randn(n_params, generator=gen, dtype=torch.float64, device=device, out=scratch)
+            out[row].copy_(scratch)
     return out.div_(torch.linalg.vector_norm(out, dim=1, keepdim=True))

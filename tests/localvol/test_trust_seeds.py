@@ -50,3 +50,17 @@ def test_no_direction_reproduces_a_manual_seed_stream():
         w = w / w.norm()
         assert float((u @ w).abs().max()) < 0.9, j
 
+
+
+def test_float32_directions_are_the_float64_ones_rounded():
+    """Issue 23: draws once in float64, cast: a float32 run uses the float64 run's directions (up
+    to float32 rounding), not another random stream."""
+    n = 1000
+    u64 = lv.sample_directions(n, [0, 5, 17], seed=3, dtype=torch.float64, device="cpu")
+    u32 = lv.sample_directions(n, [0, 5, 17], seed=3, dtype=torch.float32, device="cpu")
+    assert u32.dtype == torch.float32
+    torch.testing.assert_close(u32.double(), u64, rtol=4 * 2.0**-24, atol=0)  # a few float32 ulps
+    # exactly: the float64 normals cast to float32, then normalised in float32
+    g = torch.Generator().manual_seed(direction_seed(3, 5))
+    z = torch.randn(n, generator=g, dtype=torch.float64).float()
+    assert torch.equal(u32[1], z / torch.linalg.vector_norm(z[None], dim=1)[0])
