@@ -108,7 +108,16 @@ class _ModelCost:
         anchor = {n: p.detach() for n, p in self.model.named_parameters()}
         mask = None if self.mask is None else self.mask[sl]
         with torch.no_grad(), _eval_mode(self.model):
-            logits = self._logits(anchor, self.inputs[sl], mask)
+            try:
+                logits = self._logits(anchor, self.inputs[sl], mask)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (RuntimeError, IndexError, TypeError) as err:  # e.g. a bare matmul shape error
+                expected, matches = _expected_inputs(self.model, self.inputs)
+                raise ValueError(
+                    f"the model cannot be evaluated on inputs of shape {tuple(self.inputs.shape)} "
+                    f"({self.inputs.dtype})" + ("" if matches else f"; it expects inputs {expected}")
+                    + f" ({type(err).__name__}: {err})") from err
         self._check_logits(logits, len(self.inputs[sl]), mask)
         return logits
 
@@ -231,11 +240,33 @@ class _ModelCost:
         return total / weight
 
 
+def _expected_inputs(model: nn.Module, inputs: torch.Tensor) -> tuple[str, bool | None]:
+    """The shape the model's first parametrised layer expects of ``inputs``, in words, and
+    whether ``inputs`` has it (None: not known)."""
+    n, shape = len(inputs), tuple(inputs.shape)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return (f"({n}, ..., {module.in_features}) (its first layer is "
+                    f"Linear(in_features={module.in_features}))", len(shape) >= 2 and shape[-1] == module.in_features)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            k = len(module.kernel_size)
+            spatial = "L" if k == 1 else ", ".join(["H", "W", "D"][:k])
+            return (f"({n}, {module.in_channels}, {spatial}) (its first layer is "
+                    f"{type(module).__name__}(in_channels={module.in_channels}))",
+                    len(shape) == k + 2 and shape[1] == module.in_channels)
+        if isinstance(module, nn.Embedding):
+            return (f"integer token ids in [0, {module.num_embeddings}) (its first layer is "
+                    f"Embedding({module.num_embeddings}, {module.embedding_dim}))", None)
+    return "the shape and dtype its forward takes, one item per row", None
+
+
 class ExpectedKL(_ModelCost):
     """Mean over data points of KL(p_anchor(·|x) ‖ p_θ(·|x)), paper §3.4 (nats).
 
-    The anchor is the model's parameters at construction; its log-probabilities are computed
-    once. For language models (logits (n, T, V)) the mean is over non-padding positions
+    The anchor is the model's parameters at construction, kept as ``reference_parameters``
+    (an (N,) copy): the estimator refuses any other anchor (unless the KL there is ~0,
+    :func:`localvol.estimator._check_reference`), e.g. one taken after ``load_state_dict`` on a
+    cost built before. Its log-probabilities are computed once. For language models (logits (n, T, V)) the mean is over non-padding positions
     (``attention_mask`` 1), the same global token mean as the paper's code.
 
     Args:
@@ -256,7 +287,8 @@ class ExpectedKL(_ModelCost):
 
     Raises:
         ValueError: half-precision or mixed-dtype/device parameters; bad batch_size or mask;
-            empty inputs; logits (computed at the anchor) without a class axis, with one
+            empty inputs; inputs the model cannot be evaluated on (the error names their shape
+            and the shape the first layer expects); logits (computed at the anchor) without a class axis, with one
             class only (the KL would be identically 0), or not matching the data batch or the
             attention mask's (n, T).
     """
@@ -268,6 +300,9 @@ class ExpectedKL(_ModelCost):
             logits = self._anchor_logits(slice(start, start + self.batch_size))  # shape-checked
             parts.append(torch.log_softmax(logits.to(_at_least_float32(logits.dtype)), -1))
         self.anchor_log_probs = torch.cat(parts)  # (n, ..., C)
+        # the parameters the KL is measured from, in parameters_to_vector order (a copy: the
+        # model may change later, this cost would not)
+        self.reference_parameters = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
     def _item_losses(self, logits, sl):
         """Σ_c p0 (log p0 − log q) per item, q = softmax(logits): (B, items, ...)."""

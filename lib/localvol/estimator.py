@@ -22,9 +22,9 @@ from scipy.special import logsumexp
 from tqdm import tqdm
 
 from ._reduce import row_dot64, row_dots64
-from ._progress import cost_probe, fingerprint, load_progress, save_progress
+from ._progress import cost_probe, fingerprint, load_progress, preconditioner_probe, save_progress
 from .directions import direction_seed, sample_directions
-from .preconditioners import PaperMatrixPreconditioner
+from .preconditioners import DiagonalPreconditioner, MatrixPreconditioner, PaperMatrixPreconditioner
 from .priors import GaussianPrior, LebesguePrior
 from .radius import _check_search_args, evaluate_anchor_cost, find_radius
 
@@ -49,8 +49,10 @@ class VolumeEstimate:
         log_prior_at_anchor: −|θ0/σ|²/2 = log ρ(θ0) − log ρ(0), nats (Gaussian prior only,
             else None): the "prior term" (docs/method.md#prior-and-neighbourhood-terms).
         preconditioner_is_identity: True for the naive estimator and for a preconditioner
-            whose scales are all 1 (e.g. Adam ν of an optimizer that never stepped): the
-            estimate is then the naive one, whatever its label says.
+            that does not change any direction, within a tolerance (:func:`is_identity`: its
+            scales all equal within relative 1e-6, e.g. Adam ν of an optimizer that never
+            stepped, or all zeros but a 1e-30; or, without scales, P u ∥ u on probe
+            directions): the estimate is then the naive one, whatever its label says.
         n_unbounded: directions along which the cost stayed below the cutoff up to max_radius
             (radius inf; the whole ray counts).
     """
@@ -257,6 +259,7 @@ class VolumeRun:
         self.t_start = time.perf_counter()
         cutoff, rtol, _ = _check_search_args(cutoff, rtol, 1.0)
         n_samples = _check_count(n_samples, "n_samples", "an integer ≥ 1")
+        _check_memory(n_samples)  # before anything of size k is allocated
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
             raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
         if not isinstance(anchor, torch.Tensor) or anchor.ndim != 1 or anchor.dtype not in (torch.float32, torch.float64):
@@ -297,6 +300,7 @@ class VolumeRun:
         self.store = {f: np.full(n_samples, np.nan) for f in _FIELDS}
         self.done = np.zeros(n_samples, bool)
         self.anchor_cost = evaluate_anchor_cost(cost, anchor)
+        _check_reference(cost, anchor, self.anchor_cost, cutoff)
         self.fingerprint = self.probe = None
         if resumable:
             self.fingerprint = fingerprint(anchor, cutoff, rtol, seed, prior, preconditioner,
@@ -431,9 +435,10 @@ class VolumeRun:
                            else "their whole rays count: the cost never reaches the cutoff along them "
                                 "(a cutoff above the cost's range, or a cost that does not bound the "
                                 "neighbourhood)")
+            advice = "" if n_unbounded < n_samples else "; " + self._all_unbounded_advice()
             warnings.warn(
                 f"{n_unbounded} of {n_samples} directions stay below the cutoff up to "
-                f"max_radius = {self.max_radius:g}: {consequence}"
+                f"max_radius = {self.max_radius:g}: {consequence}{advice}"
             )
         evaluations = store["evaluations"].astype(np.int64)
         return VolumeEstimate(
@@ -451,13 +456,46 @@ class VolumeRun:
             seed=self.seed,
             prior=repr(self.prior),
             preconditioner=repr(self.preconditioner) if self.preconditioner is not None else "naive",
-            preconditioner_is_identity=_is_identity(self.preconditioner),
+            preconditioner_is_identity=is_identity(self.preconditioner, self.anchor),
             n_unbounded=n_unbounded,
             wall_time_s=time.perf_counter() - self.t_start,
         )
 
 
+    def _all_unbounded_advice(self) -> str:
+        """What to change when no direction reaches the cutoff: the cutoff, sigma and eps, with
+        their current values."""
+        prior, precond = self.prior, self.preconditioner
+        if isinstance(prior, GaussianPrior):
+            now = f"{prior.sigma:g}" if isinstance(prior.sigma, float) else f"per parameter, max {prior.sigma_max:g}"
+            sigma = (f"sigma (now {now}: the prior's whole mass along every ray lies inside the "
+                     "neighbourhood; a larger sigma, e.g. the scale of the model's initialisation, "
+                     "spreads it past it, and the default max_radius = |θ0| + max σ·(√N + 50) grows with it)")
+        else:
+            sigma = (f"sigma (none here: under the Lebesgue prior max_radius = {self.max_radius:g} "
+                     "bounds the search)")
+        eps = getattr(precond, "eps", None)
+        if precond is None:
+            eps = "eps (none here: naive directions, no preconditioner)"
+        elif eps is None:
+            eps = f"eps (none here: {type(precond).__name__} has no eps; try another preconditioner)"
+        else:
+            eps = (f"eps (now {eps:g}: raise it; a small eps stretches P u along flat, "
+                   "low-curvature coordinates, where the cost barely rises)")
+        return (f"every direction is unbounded, so the estimate measures the prior, not the "
+                f"neighbourhood. Change the cutoff (now {self.cutoff:g}: lower it below what the cost "
+                f"reaches within max_radius), {sigma}, or {eps}")
+
+
 _FIELDS = ("samples", "radii", "cost_at_radius", "direction_norms", "evaluations", "multipliers")
+_BYTES_PER_SAMPLE = 8 * len(_FIELDS) + 1 + 8
+"""Memory per sample: the store (float64 per field), ``done`` and the schedule's int64 indices."""
+REFERENCE_RTOL = 1e-6
+"""An anchor other than a cost's ``reference_parameters`` is accepted only where the cost there
+is at most this fraction of the cutoff (:func:`_check_reference`)."""
+IDENTITY_RTOL = 1e-6
+"""A preconditioner counts as the identity when it moves no probe direction, or none of its
+scales, by more than this (relative; :func:`is_identity`)."""
 
 
 def _schedule(n_samples: int, batch_size: int, block_size: int, pilot: int) -> list[list[np.ndarray]]:
@@ -486,16 +524,86 @@ def _check_done(done, idx) -> None:
                          "run the blocks that hold them")
 
 
-def _is_identity(preconditioner) -> bool:
-    """Whether the preconditioner leaves every direction unchanged (all scales 1)."""
+def is_identity(preconditioner, anchor=None) -> bool:
+    """Whether the preconditioner leaves every direction unchanged, within a tolerance.
+
+    None (naive) is. A :class:`DiagonalPreconditioner` or :class:`MatrixPreconditioner` is when
+    its scales p are all equal within relative :data:`IDENTITY_RTOL` (max p / min p − 1 ≤ 1e-6):
+    then P = c·I to that precision, and only the direction of P u counts, so the estimate is the
+    naive one to ~1e-6 (bit for bit where the scales round to one value in the anchor's dtype,
+    e.g. Adam ν of all zeros but one 1e-30). Any other preconditioner (a
+    :class:`PaperMatrixPreconditioner`, whose Vᵀ rotates even at p = 1, or a user's own) is when
+    on the three probe directions of the resume fingerprint (``anchor`` gives their dtype and
+    device; without it: False) every |P u/|P u| − u/|u|| ≤ 1e-6 (float64 anchor; 1e-4 for
+    float32, its rounding)."""
     if preconditioner is None:
         return True
     scales = getattr(preconditioner, "scales", None)
-    if scales is None:
+    if (scales is not None and not isinstance(preconditioner, PaperMatrixPreconditioner)
+            and type(preconditioner).apply in _SCALE_APPLIES):
+        s = torch.as_tensor(scales).double()
+        return bool(s.min() > 0) and float(s.max() / s.min()) - 1.0 <= IDENTITY_RTOL
+    if anchor is None:
         return False
-    if isinstance(preconditioner, PaperMatrixPreconditioner):
-        return False  # diag(p) Vᵀ rotates even when p = 1
-    return bool(torch.all(torch.abs(torch.as_tensor(scales).double().log()) < 1e-12))
+    u, v = preconditioner_probe(preconditioner, anchor)
+    u, v = u.double(), v.double()
+    u_hat = u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
+    v_hat = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    tol = IDENTITY_RTOL if anchor.dtype == torch.float64 else 1e-4
+    return bool(torch.isfinite(v_hat).all()) and float((v_hat - u_hat).norm(dim=1).max()) <= tol
+
+
+_SCALE_APPLIES = (DiagonalPreconditioner.apply, MatrixPreconditioner.apply)  # P = c·I iff p all equal
+
+
+def _check_memory(n_samples: int) -> None:
+    """Refuse a k whose per-sample arrays (``_BYTES_PER_SAMPLE`` bytes each) would not fit in the
+    machine's physical memory, before any is allocated (k = 10**11 once grew until killed)."""
+    need = n_samples * _BYTES_PER_SAMPLE
+    have = _physical_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"n_samples = {n_samples} needs {need / 1e9:.3g} GB for its per-sample arrays "
+            f"({_BYTES_PER_SAMPLE} bytes per sample) but this machine has {have / 1e9:.3g} GB of "
+            f"memory in all; use fewer samples (at most {have // _BYTES_PER_SAMPLE})")
+
+
+def _physical_memory() -> int | None:
+    """Bytes of physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_reference(cost, anchor, anchor_cost: float, cutoff: float) -> None:
+    """A cost that knows its reference parameters (``cost.reference_parameters``, (N,); e.g.
+    :class:`localvol.ExpectedKL`: the model's parameters when it was built) must be given them
+    as the anchor: another anchor (a perturbed copy; the parameters after ``load_state_dict``,
+    with a cost built before) measures around one point with the KL to another. Accepted: the
+    same values, or an anchor where the cost is at most :data:`REFERENCE_RTOL` × cutoff.
+    Raises ValueError naming both, how they differ, and the remedy."""
+    ref = getattr(cost, "reference_parameters", None)
+    if ref is None:
+        return
+    ref = torch.as_tensor(ref).detach()
+    if ref.shape != anchor.shape:
+        raise ValueError(
+            f"the anchor has shape {tuple(anchor.shape)} but the cost's reference parameters "
+            f"(cost.reference_parameters, the model's parameters when the cost was built) "
+            f"{tuple(ref.shape)}; pass parameters_to_vector(model.parameters()) as the anchor")
+    ref = ref.to(anchor.device)
+    if torch.equal(ref.to(anchor.dtype), anchor) or abs(anchor_cost) <= REFERENCE_RTOL * cutoff:
+        return
+    diff = (anchor.double() - ref.double()).abs()
+    raise ValueError(
+        f"the anchor is not the cost's reference parameters (cost.reference_parameters, the model's "
+        f"parameters when the cost was built): max |anchor − reference| = {float(diff.max()):.3g} "
+        f"(index {int(diff.argmax())}; {int((diff > 0).sum())} of {anchor.numel()} entries differ; "
+        f"|anchor| = {float(anchor.double().norm()):.6g}, |reference| = {float(ref.double().norm()):.6g}), "
+        f"and the cost at the anchor is {anchor_cost:.3g}, not ~0 (cutoff {cutoff:g}). Pass the "
+        "model's current parameters as the anchor (parameters_to_vector(model.parameters())), or "
+        "rebuild the cost after changing the model (e.g. after load_state_dict)")
 
 
 def _initial_radii(multipliers, v_norm):

@@ -109,6 +109,22 @@ def test_shape_errors():
         lv.ExpectedKL(model, torch.rand(3, 5), batch_size=0)
 
 
+def test_inputs_of_the_wrong_shape_name_inputs_and_the_shape_expected():
+    """Issue 23: a bare matmul error before ("mat1 and mat2 shapes cannot be multiplied")."""
+    model = _mlp()
+    bad = torch.rand(3, 6, dtype=torch.float64)
+    expected = (r"the model cannot be evaluated on inputs of shape \(3, 6\) \(torch.float64\); it expects "
+                r"inputs \(3, \.\.\., 5\) \(its first layer is Linear\(in_features=5\)\) \(RuntimeError: mat1")
+    with pytest.raises(ValueError, match=expected):
+        lv.ExpectedKL(model, bad)
+    with pytest.raises(ValueError, match=expected):
+        lv.CrossEntropyCost(model, bad, torch.zeros(3, dtype=torch.int64))
+    conv = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    with pytest.raises(ValueError, match=r"inputs of shape \(4, 1, 6, 6\) \(torch.float32\); it expects inputs "
+                                         r"\(4, 3, H, W\) \(its first layer is Conv2d\(in_channels=3\)\)"):
+        lv.ExpectedKL(conv, torch.rand(4, 1, 6, 6))
+
+
 class _NaNAtPaddingLM(_TinyLM):
     """Like models that mask attention with −inf: fully padded rows give NaN logits."""
 

@@ -327,3 +327,169 @@ def test_sample_directions_refuses_a_non_contiguous_buffer():
     buf = torch.empty(50, 3).t()  # (3, 50), strided
     with pytest.raises(ValueError, match="not contiguous"):
         lv.sample_directions(50, [0, 1, 2], seed=0, dtype=torch.float32, device="cpu", out=buf)
+
+
+# -- issue 23: resume fingerprints by what a preconditioner and a cost do ---------------------
+class _NoReprPreconditioner:
+    """A preconditioner as the docs allow (``apply`` and ``n``), with no repr of its own (the
+    default repr holds the object's address, different for every instance)."""
+
+    def __init__(self, p):
+        self.p, self.n = p, p.numel()
+
+    def apply(self, u):
+        return u * self.p.to(u.dtype)
+
+
+class _SameReprPreconditioner(_NoReprPreconditioner):
+    def __repr__(self):
+        return "MyPreconditioner()"
+
+
+def _interrupted(tmp_path, make_precond, kw):
+    """Run until the cost's 4th call raises, leaving a checkpoint with some samples done."""
+    a_mat, lam, center = _ellipsoid(n=12, cond=10)
+    base = lv.QuadraticCost(a_mat, center)
+    calls = {"n": 0}
+
+    def flaky(theta):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return base(theta)
+
+    ckpt = tmp_path / "p.npz"
+    with pytest.raises(KeyboardInterrupt):
+        lv.estimate_log_volume(flaky, center, preconditioner=make_precond(), checkpoint_path=ckpt, **kw)
+    assert 0 < int(np.load(ckpt)["done"].sum()) < kw["n_samples"]
+    return base, center, ckpt
+
+
+def test_a_preconditioner_without_a_repr_of_its_own_resumes_bit_for_bit(tmp_path):
+    p = torch.linspace(0.5, 2.0, 12, dtype=torch.float64)
+    p = p / p.log().mean().exp()
+    kw = dict(cutoff=0.1, n_samples=12, prior=lv.GaussianPrior(1.0), batch_size=4, progress=False)
+    base, center, ckpt = _interrupted(tmp_path, lambda: _NoReprPreconditioner(p), kw)
+    full = lv.estimate_log_volume(base, center, preconditioner=_NoReprPreconditioner(p), **kw)
+    resumed = lv.estimate_log_volume(lambda th: base(th), center, preconditioner=_NoReprPreconditioner(p.clone()),
+                                     checkpoint_path=ckpt, **kw)  # another instance: resumed
+    np.testing.assert_array_equal(resumed.samples, full.samples)
+    assert resumed.cost_evaluations == full.cost_evaluations + 3
+
+
+def test_two_preconditioners_with_one_repr_but_another_action_are_not_resumed(tmp_path):
+    p = torch.linspace(0.5, 2.0, 12, dtype=torch.float64)
+    p = p / p.log().mean().exp()
+    q = p.clone()
+    q[3] *= 1 + 1e-15  # the last bit of one scale
+    assert repr(_SameReprPreconditioner(p)) == repr(_SameReprPreconditioner(q))
+    kw = dict(cutoff=0.1, n_samples=12, prior=lv.GaussianPrior(1.0), batch_size=4, progress=False)
+    base, center, ckpt = _interrupted(tmp_path, lambda: _SameReprPreconditioner(p), kw)
+    with pytest.raises(ValueError, match="different settings"):
+        lv.estimate_log_volume(lambda th: base(th), center, preconditioner=_SameReprPreconditioner(q),
+                               checkpoint_path=ckpt, **kw)
+    lv.estimate_log_volume(lambda th: base(th), center, preconditioner=_SameReprPreconditioner(p.clone()),
+                           checkpoint_path=ckpt, **kw)
+
+
+def test_preconditioner_digest_is_its_action_not_the_global_rng():
+    from localvol._progress import preconditioner_digest
+
+    anchor = torch.zeros(12, dtype=torch.float64)
+    p = torch.linspace(0.5, 2.0, 12, dtype=torch.float64)
+    torch.manual_seed(1)
+    first = preconditioner_digest(_NoReprPreconditioner(p), anchor)
+    torch.manual_seed(2)
+    torch.randn(100)
+    assert preconditioner_digest(_NoReprPreconditioner(p.clone()), anchor) == first
+    assert preconditioner_digest(lv.DiagonalPreconditioner(p**-2, eps=0.0), anchor) != first  # p normalised
+
+
+def test_a_few_changed_evaluation_inputs_are_another_cost(tmp_path):
+    """3 of 20,000 inputs moved by 1e-6 change the KL near the anchor far below the old 1e-4
+    tolerance of the cost probe: the exact hash of the inputs refuses the old samples."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    x = torch.randn(20_000, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    anchor = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    ckpt = tmp_path / "kl.npz"
+    kw = dict(cutoff=1e-3, n_samples=3, prior=lv.GaussianPrior(1.0), progress=False, checkpoint_path=ckpt)
+    first = lv.estimate_log_volume(lv.ExpectedKL(model, x), anchor, **kw)
+    again = lv.estimate_log_volume(lv.ExpectedKL(model, x.clone()), anchor, **kw)  # the same data: resumed
+    np.testing.assert_array_equal(again.samples, first.samples)
+    y = x.clone()
+    y[[5, 600, 19_999]] += 1e-6
+    with pytest.raises(ValueError, match="different cost"):
+        lv.estimate_log_volume(lv.ExpectedKL(model, y), anchor, **kw)
+
+
+# -- issue 23: resume files validated on load ---------------------------------------------
+def _written(tmp_path):
+    a_mat, lam, center = _ellipsoid(n=8, cond=10)
+    cost = lv.QuadraticCost(a_mat, center)
+    kw = dict(cutoff=0.1, n_samples=6, prior=lv.GaussianPrior(1.0), batch_size=3, progress=False)
+    ckpt = tmp_path / "ok.npz"
+    lv.estimate_log_volume(cost, center, checkpoint_path=ckpt, **kw)
+    with np.load(ckpt) as f:
+        data = {k: f[k] for k in f.files}
+    return cost, center, kw, ckpt, data
+
+
+@pytest.mark.parametrize("field, value, what", [
+    ("samples", np.nan, r"'samples' is not a valid number \(first: sample 2 = nan\)"),
+    ("samples", np.inf, r"'samples' is not a valid number \(first: sample 2 = inf\)"),
+    ("radii", np.nan, r"'radii' is not a valid number"),
+    ("cost_at_radius", np.nan, r"'cost_at_radius' is not a valid number"),
+])
+def test_a_resume_file_with_a_non_number_sample_is_refused_naming_it(tmp_path, field, value, what):
+    cost, center, kw, ckpt, data = _written(tmp_path)
+    data[field][2] = value
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **data)
+    with pytest.raises(ValueError, match=f"checkpoint {bad} holds 1 finished sample.*{what}.*delete it"):
+        lv.estimate_log_volume(cost, center, checkpoint_path=bad, **kw)
+
+
+def test_a_resume_file_missing_an_array_is_refused_naming_it(tmp_path):
+    cost, center, kw, ckpt, data = _written(tmp_path)
+    del data["radii"]
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **data)
+    with pytest.raises(ValueError, match=f"checkpoint {bad} lacks the array\\(s\\) radii .*delete it"):
+        lv.estimate_log_volume(cost, center, checkpoint_path=bad, **kw)
+
+
+def test_a_resume_file_with_a_flipped_byte_is_refused_naming_it(tmp_path):
+    import zipfile
+
+    cost, center, kw, ckpt, data = _written(tmp_path)
+    raw = bytearray(ckpt.read_bytes())
+    with zipfile.ZipFile(ckpt) as z:
+        info = z.getinfo("samples.npy")
+    # local header (30 bytes + name + extra), then the .npy (a 128-byte header, then the data)
+    extra = int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    at = info.header_offset + 30 + len(info.filename) + extra + 128 + 5
+    raw[at] ^= 0x10
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"checkpoint {bad} cannot be read \\(BadZipFile.*delete it"):
+        lv.estimate_log_volume(cost, center, checkpoint_path=bad, **kw)
+
+
+# -- issue 23: a size check before any allocation -----------------------------------------
+def _never_called(theta):
+    raise AssertionError("the cost was evaluated before the size check")
+
+
+def test_n_samples_too_large_for_memory_is_refused_before_anything_is_allocated(monkeypatch):
+    import localvol.estimator as est
+
+    anchor = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"n_samples = 100000000000 needs 5\.7e\+03 GB for its per-sample arrays \(57 bytes per sample\)"):
+        lv.estimate_log_volume(_never_called, anchor, cutoff=0.1, n_samples=10**11,
+                               prior=lv.GaussianPrior(1.0), progress=False)
+    monkeypatch.setattr(est, "_physical_memory", lambda: 57 * 1000)
+    with pytest.raises(ValueError, match=r"n_samples = 1001 needs .* use fewer samples \(at most 1000\)"):
+        lv.VolumeRun(_never_called, anchor, cutoff=0.1, n_samples=1001, prior=lv.GaussianPrior(1.0))
+    with pytest.raises(AssertionError, match="evaluated before"):  # 1000 fit: it goes on to the cost
+        lv.VolumeRun(_never_called, anchor, cutoff=0.1, n_samples=1000, prior=lv.GaussianPrior(1.0))

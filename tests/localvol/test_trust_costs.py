@@ -225,3 +225,51 @@ def test_hessian_of_the_cost_runs_in_eval_mode_and_restores_flags():
     h_eval = lv.hessian(lv.ExpectedKL(model, x), _flat(model))
     assert float(h_eval.abs().max()) > 0
     np.testing.assert_allclose(h_train.numpy(), h_eval.numpy(), rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------
+# issue 23: an ExpectedKL refuses an anchor that is not the parameters it was built at
+# ------------------------------------------------------------------------------------------
+def _mlp_and_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return model, torch.randn(32, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+_KW = dict(cutoff=1e-2, n_samples=3, prior=lv.GaussianPrior(1.0), progress=False)
+
+
+def test_expected_kl_keeps_its_reference_parameters():
+    model, x = _mlp_and_inputs()
+    cost = lv.ExpectedKL(model, x)
+    assert torch.equal(cost.reference_parameters, _flat(model))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # the model changes later; the cost's reference does not
+    assert not torch.equal(cost.reference_parameters, _flat(model))
+
+
+def test_a_perturbed_anchor_is_refused_naming_both():
+    model, x = _mlp_and_inputs()
+    cost = lv.ExpectedKL(model, x)
+    anchor = _flat(model)
+    lv.estimate_log_volume(cost, anchor.clone(), **_KW)  # its own parameters: fine
+    moved = anchor.clone()
+    moved[7] += 0.25
+    with pytest.raises(ValueError, match=r"the anchor is not the cost's reference parameters .*"
+                                         r"max \|anchor − reference\| = 0\.25 \(index 7; 1 of 51 entries differ.*"
+                                         r"Pass the model's current parameters as the anchor"):
+        lv.estimate_log_volume(cost, moved, **_KW)
+    # equal up to rounding (KL at most 1e-6 of the cutoff there): accepted
+    close = anchor.clone()
+    close[7] += 1e-12
+    lv.estimate_log_volume(cost, close, **_KW)
+
+
+def test_a_cost_built_before_load_state_dict_is_refused_with_the_remedy():
+    model, x = _mlp_and_inputs()
+    cost = lv.ExpectedKL(model, x)  # built at the initial weights
+    trained = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model.load_state_dict(trained.state_dict())
+    with pytest.raises(ValueError, match=r"rebuild the cost after changing the model \(e\.g\. after load_state_dict\)"):
+        lv.estimate_log_volume(cost, _flat(model), **_KW)
+    lv.estimate_log_volume(lv.ExpectedKL(model, x), _flat(model), **_KW)  # rebuilt: fine
