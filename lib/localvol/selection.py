@@ -20,7 +20,41 @@ import torch
 
 from .estimator import VolumeEstimate, estimate_log_volume
 
-__all__ = ["Selection", "choose", "check_seeds", "select_and_estimate"]
+__all__ = ["Selection", "Table", "choose", "check_seeds", "select_and_estimate"]
+
+
+class Table(list):
+    """Rows (dicts with the same keys) that print as an aligned text table.
+
+    A list of the row dicts (indexing, iteration, ``len``, ``==`` with a list of dicts work as
+    before), also available as ``.rows``; ``str()`` and ``repr()`` give one header line and one
+    line per row, columns padded to their widest entry, floats with 2 decimals, True as "yes"."""
+
+    @property
+    def rows(self) -> list[dict]:
+        return list(self)
+
+    def __str__(self) -> str:
+        if not self:
+            return "(no rows)"
+        keys = list(self[0])
+        cells = [keys] + [[_cell(row.get(k)) for k in keys] for row in self]
+        widths = [max(len(line[j]) for line in cells) for j in range(len(keys))]
+        numeric = [all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+                       for row in self) for k in keys]
+        lines = ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(line, widths, numeric)).rstrip()
+                 for line in cells]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
 
 
 def choose(pilot_log_volumes: Mapping[str, float]) -> str:
@@ -70,13 +104,14 @@ class Selection:
     n_pilot: int
     n_samples: int
 
-    def table(self) -> list[dict]:
+    def table(self) -> Table:
         """One row per candidate: ``name``, ``pilot_log10_volume``, ``pilot_max_sample_log10``,
-        ``chosen`` (bool)."""
-        return [{"name": name, "pilot_log10_volume": est.log10_volume,
+        ``chosen`` (bool): a :class:`Table`, a list of those dicts that prints aligned
+        (``print(sel.table())``)."""
+        return Table({"name": name, "pilot_log10_volume": est.log10_volume,
                  "pilot_max_sample_log10": float(est.samples.max()) / math.log(10),
                  "chosen": name == self.chosen}
-                for name, est in self.pilot.items()]
+                for name, est in self.pilot.items())
 
 
 def select_and_estimate(cost, anchor: torch.Tensor, candidates: Mapping[str, object], *,

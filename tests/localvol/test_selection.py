@@ -43,6 +43,8 @@ def test_ellipsoid_selection_picks_the_true_matrix_and_the_estimate_is_the_close
     # the pilot and the estimate used different directions: same k, another seed
     rows = sel.table()
     assert [r["name"] for r in rows] == list(candidates) and sum(r["chosen"] for r in rows) == 1
+    assert rows.rows == list(rows) and str(rows).splitlines()[0].split() == [
+        "name", "pilot_log10_volume", "pilot_max_sample_log10", "chosen"]
     assert sel.pilot[sel.chosen].n_samples == 16 and sel.estimate.n_samples == 40
 
 
@@ -95,3 +97,19 @@ def test_bad_counts_and_candidates_name_the_argument():
         lv.select_and_estimate(cost, center, [None], n_pilot=2, n_samples=2, **kw)
     sel = lv.select_and_estimate(cost, center, {"naive": None}, n_pilot=3, n_samples=5, **kw)
     assert (sel.n_pilot, sel.n_samples, sel.seed, sel.pilot_seed) == (3, 5, 0, 1)
+
+
+def test_table_prints_aligned_and_is_still_the_list_of_rows():
+    """Issue 23: table() was a bare list of dicts; it prints as a table now."""
+    from localvol.selection import Table
+
+    rows = [{"name": "naive", "pilot_log10_volume": -131.987, "pilot_max_sample_log10": -120.5, "chosen": False},
+            {"name": "e0.1_x0.5", "pilot_log10_volume": -90.03, "pilot_max_sample_log10": -88.0, "chosen": True}]
+    table = Table(rows)
+    assert table == rows and table.rows == rows and list(table) == rows and table[1]["chosen"] is True
+    assert str(table) == (
+        "name       pilot_log10_volume  pilot_max_sample_log10  chosen\n"
+        "naive                 -131.99                 -120.50\n"
+        "e0.1_x0.5              -90.03                  -88.00  yes"
+    )
+    assert repr(table) == str(table) and str(Table()) == "(no rows)"
