@@ -205,9 +205,14 @@ def estimate_log_volume(
         checkpoint_path: optional .npz path; finished samples are written there atomically
             after every batch, and a rerun with the same settings resumes from it, with the
             same result bit for bit as a run never interrupted. The file records a hash of the
-            settings and of localvol's source files (:func:`localvol.code_version.source_hash`):
-            one written with other settings, another cost or another version of the code
-            raises ValueError instead of being resumed.
+            settings (the anchor's exact bytes; the preconditioner by its exact action on fixed
+            probe directions, not its repr), of the cost (its exact values at the anchor and
+            three points near it, and its evaluation data: ``inputs``, ``targets``, ``mask``,
+            ``reference_parameters`` where it has them) and of localvol's source files
+            (:func:`localvol.code_version.source_hash`): one written with other settings,
+            another cost or another version of the code raises ValueError instead of being
+            resumed, and so does one that cannot be read, lacks an array or holds a NaN sample
+            (the error names the file; delete it to start afresh).
         block_size: samples per block (:class:`VolumeRun`); the search's first guesses come
             from the block's own earlier batches and the pilot, so the result does not depend
             on how blocks are spread over processes (:mod:`localvol.distributed`).
@@ -218,7 +223,10 @@ def estimate_log_volume(
         and warned about under either prior.
 
     Raises:
-        ValueError: cutoff ≤ 0 or NaN, n_samples < 1, bad rtol/batch_size/block_size/max_radius,
+        ValueError: cutoff ≤ 0 or NaN, n_samples < 1 or too many for memory (checked before
+            anything is allocated), bad rtol/batch_size/block_size/max_radius, an anchor other
+            than the cost's ``reference_parameters`` (ExpectedKL: the model's parameters when it
+            was built) where the cost is not ~0,
             anchor not a finite 1-D float32/64 tensor, wrong prior or preconditioner size, a
             cost not finite at the anchor or below it along a ray, radius-search failures.
     """
