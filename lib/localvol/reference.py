@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.special import logsumexp
+from scipy.stats import rankdata
 from scipy.stats import t as student_t
 from tqdm import tqdm
 
@@ -60,6 +61,11 @@ from .estimator import LN10, VolumeRun, _check_count, default_batch_size
 from .priors import LebesguePrior
 
 __all__ = ["ReferenceEstimate", "ReferenceRun", "estimate_log_volume_reference", "default_reference_rtol"]
+
+MIXED_CORRELATION = 0.1
+"""Moves at one temperature go on (past n_moves, up to max_moves) while the rank correlation
+between the particles' log weights now and at the step's start exceeds this: a particle that
+still sits where its parent put it in the weight order has not forgotten its start."""
 
 TARGET_ACCEPTANCE = 0.3
 """Acceptance rate the pCN step size is steered to (0.2-0.4 is the usual range for random-walk
@@ -84,6 +90,10 @@ class ReferenceRun:
         rtol_bias_bound: bound on |bias| of log_volume from the radius tolerance, nats.
         local_exponent_min: smallest measured d log Δ / d log r at the final particles.
         n_unbounded: final particles whose ray never reaches the cutoff (Gaussian prior).
+        final_shape: (N,) diagonal angular-central-Gaussian shape of the final particles (det 1),
+            what a pilot hands to the next run's proposal.
+        kappas: (T,) tail exponent κ of the moves' reference chosen at each step (1: Gaussian).
+        moves: (T,) pCN moves made at each step (n_moves ... max_moves).
     """
 
     log_volume: float
@@ -99,6 +109,8 @@ class ReferenceRun:
     local_exponent_min: float
     n_unbounded: int
     final_shape: np.ndarray = None
+    kappas: np.ndarray = None
+    moves: np.ndarray = None
 
     @property
     def n_temperatures(self) -> int:
@@ -117,6 +129,9 @@ class ReferenceRun:
             "rtol_bias_bound": self.rtol_bias_bound,
             "local_exponent_min": self.local_exponent_min,
             "n_unbounded": self.n_unbounded,
+            "kappas": None if self.kappas is None else [float(k) for k in self.kappas],
+            "mean_moves": None if self.moves is None or not self.moves.size else float(self.moves.mean()),
+            "max_moves_used": None if self.moves is None or not self.moves.size else int(self.moves.max()),
         }
 
 
@@ -234,6 +249,7 @@ def estimate_log_volume_reference(
     n_particles: int = 256,
     n_runs: int = 4,
     n_moves: int = 8,
+    max_moves: int | None = None,
     ess_fraction: float = 0.8,
     max_temperatures: int = 2000,
     max_spread: float = 1.5,
@@ -262,7 +278,10 @@ def estimate_log_volume_reference(
             estimator's stream for this seed; its MCMC draws are keyed by (seed, r, step).
         n_particles: M ≥ 16 particles per run.
         n_runs: R ≥ 4 independent runs (the error bar's sample).
-        n_moves: pCN moves per temperature step (≥ 1).
+        n_moves: pCN moves per temperature step at least (≥ 1).
+        max_moves: pCN moves per temperature step at most (None: 4·n_moves): between the two,
+            moves go on while the particles' log weights keep their order at the step's
+            start (rank correlation > MIXED_CORRELATION).
         ess_fraction: in (0, 1): each step's incremental weights keep this fraction of M as
             effective sample size.
         max_temperatures: steps allowed to reach β = 1; beyond, ValueError (progress kept).
@@ -297,6 +316,9 @@ def estimate_log_volume_reference(
     if isinstance(n_pilots, bool) or not isinstance(n_pilots, (int, np.integer)) or n_pilots < 0:
         raise ValueError(f"n_pilots must be an integer ≥ 0, got {n_pilots!r}")
     n_moves = _check_count(n_moves, "n_moves", "an integer ≥ 1")
+    max_moves = 4 * n_moves if max_moves is None else _check_count(max_moves, "max_moves", f"an integer ≥ n_moves = {n_moves}")
+    if max_moves < n_moves:
+        raise ValueError(f"max_moves must be an integer ≥ n_moves = {n_moves}, got {max_moves}")
     max_temperatures = _check_count(max_temperatures, "max_temperatures", "an integer ≥ 1")
     if n_particles < 16:
         raise ValueError(f"n_particles must be an integer ≥ 16, got {n_particles}")
@@ -318,12 +340,12 @@ def estimate_log_volume_reference(
     base = VolumeRun(cost, anchor, cutoff=cutoff, n_samples=1, prior=prior, preconditioner=preconditioner,
                      rtol=rtol, batch_size=batch_size, seed=seed, max_radius=max_radius)
     _check_deterministic(cost, base.anchor, seed)
-    smc = _Sampler(base, n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed)
+    smc = _Sampler(base, n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed)
     state_key = None
     saved = {}
     if checkpoint_path is not None:
         # max_temperatures only decides where a run stops, not its path: not in the key
-        state_key = _state_key(base, n_particles, n_runs, n_moves, ess_fraction, n_pilots, batch_size)
+        state_key = _state_key(base, n_particles, n_runs, (n_moves, max_moves), ess_fraction, n_pilots, batch_size)
         saved = _load_state(checkpoint_path, state_key)
     def save_as(r):
         def save(state):
@@ -338,12 +360,12 @@ def estimate_log_volume_reference(
     shape, pilot_evaluations = None, 0
     for p in range(n_pilots):
         sampler = smc if shape is None else _Sampler(
-            _shaped_base(base, shape), n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed)
+            _shaped_base(base, shape), n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed)
         pilot = sampler.run(n_runs + p, saved.get(n_runs + p), save_as(n_runs + p), progress)
         pilot_evaluations += pilot.cost_evaluations
         shape = pilot.final_shape if shape is None else _normalised(shape * pilot.final_shape)
     estimation = smc if shape is None else _Sampler(
-        _shaped_base(base, shape), n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed)
+        _shaped_base(base, shape), n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed)
     runs = [estimation.run(r, saved.get(r), save_as(r), progress) for r in range(n_runs)]
     return _combine(runs, base, estimation, n_particles, n_moves, max_spread, time.perf_counter() - t0,
                     n_pilots, shape, pilot_evaluations, smc.initial_weights.get(n_runs))
@@ -393,7 +415,7 @@ def _combine(runs, base, smc, n_particles, n_moves, max_spread, wall, n_pilots, 
         preconditioner="naive" if base.preconditioner is None else repr(base.preconditioner),
         cost_evaluations=1 + 2 + sum(r.cost_evaluations for r in runs) + pilot_evaluations,
         wall_time_s=wall,
-        meta={"n_pilots": n_pilots,
+        meta={"n_pilots": n_pilots, "max_moves": smc.max_moves,
               "pilot_shape_log_sd": None if shape is None else float(np.log(shape).std())},
     )
 
@@ -402,7 +424,8 @@ class _Sampler:
     """The SMC of one run, over the latent directions of ``base`` (a VolumeRun)."""
 
     def __init__(self, base, n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed):
-        self.base, self.M, self.n_moves = base, n_particles, n_moves
+        self.base, self.M = base, n_particles
+        self.n_moves, self.max_moves = n_moves
         self.ess_fraction, self.max_temperatures = ess_fraction, max_temperatures
         self.batch_size, self.seed = batch_size, seed
         self.n = base.n
@@ -441,8 +464,8 @@ class _Sampler:
                                   device=self.device)  # (M, N)
             logw, radius, evals = self.weights(z, None)
             state = dict(z=z.cpu().numpy(), logw=logw, radius=radius, initial=logw.copy(),
-                         c=np.ones(n), step_size=np.array(0.5), betas=np.array([0.0]), log_z=np.array(0.0),
-                         ess=np.zeros(0), acceptance=np.zeros(0), step_sizes=np.zeros(0),
+                         c=np.ones(n), kappas=np.zeros(0), step_size=np.array(0.5), betas=np.array([0.0]), log_z=np.array(0.0),
+                         ess=np.zeros(0), acceptance=np.zeros(0), moves=np.zeros(0, np.int64), step_sizes=np.zeros(0),
                          ancestors=np.zeros(0, np.int64), evaluations=np.array(int(evals.sum())),
                          move_evaluations=np.array(0), move_searches=np.array(0))
             save(state)
@@ -486,30 +509,43 @@ class _Sampler:
         z = torch.as_tensor(state["z"][parents], device=self.device)
         logw, radius = logw[parents].copy(), state["radius"][parents].copy()
         c = np.asarray(state["c"], dtype=np.float64)
+        kappa = float(state["kappas"][-1]) if len(state["kappas"]) else 1.0
         step_size = float(state["step_size"])
         acc_total, evals, searches = 0.0, 0, 0
         gen = torch.Generator(device=self.device)
-        halves = [np.arange(h, M, 2) for h in (0, 1)]
-        for j in range(self.n_moves):
+        halves = _ancestor_halves(parents)
+        fitted = [(kappa, c), (kappa, c)]
+        start_rank = _ranks(logw)
+        j = 0
+        while j < self.max_moves:
             for h, mine in enumerate(halves):
-                # each half moves with C fitted to the other half (held fixed meanwhile), so a
-                # particle's proposal never depends on itself: no self-reinforcing fit
-                c = _adapt_scales(z[halves[1 - h]], c)
+                # each half moves with a shape fitted to the other half (held fixed meanwhile), and
+                # the copies of one parent are all in one half: a particle's proposal never
+                # depends on itself or its siblings (no self-reinforcing fit)
+                other = z[halves[1 - h]]
+                fitted[h] = _fit_shape(other, fitted[h], choose_kappa=(j == 0))
                 key = np.random.SeedSequence([self.seed, r, t, j + 1, h]).generate_state(1, np.uint64)[0]
                 gen.manual_seed(int(key >> np.uint64(1)))
-                zh, lh, rh, acc, e = self.move(z[mine], logw[mine], radius[mine], new_beta, c, step_size, gen, rng)
+                zh, lh, rh, acc, e = self.move(z[mine], logw[mine], radius[mine], new_beta, fitted[h], step_size,
+                                               gen, rng)
                 z[mine], logw[mine], radius[mine] = zh, lh, rh
                 evals += int(e.sum())
                 searches += len(e)
                 acc_total += acc * len(mine) / M
             # Robbins-Monro on log s towards the target acceptance
             step_size = float(np.clip(step_size * math.exp(acc_total / (j + 1) - TARGET_ACCEPTANCE), 1e-4, 1.0))
+            j += 1
+            # at least n_moves; then until the particles' log weights no longer remember their
+            # order at the step's start (rank correlation ≤ MIXED_CORRELATION), or max_moves
+            if j >= self.n_moves and not _rank_correlation(start_rank, _ranks(logw)) > MIXED_CORRELATION:
+                break
+        kappa, c = fitted[0]
         move_evals = evals
         return dict(
             z=z.cpu().numpy(), logw=logw, radius=radius, initial=state["initial"], c=c,
-            step_size=np.array(step_size), betas=np.append(state["betas"], new_beta),
+            kappas=np.append(state["kappas"], kappa), step_size=np.array(step_size), betas=np.append(state["betas"], new_beta),
             log_z=np.array(float(state["log_z"]) + log_mean), ess=np.append(state["ess"], ess),
-            acceptance=np.append(state["acceptance"], acc_total / self.n_moves),
+            acceptance=np.append(state["acceptance"], acc_total / j), moves=np.append(state["moves"], j),
             step_sizes=np.append(state["step_sizes"], step_size),
             ancestors=np.append(state["ancestors"], unique),
             evaluations=np.array(int(state["evaluations"]) + evals),
@@ -517,22 +553,29 @@ class _Sampler:
             move_searches=np.array(int(state["move_searches"]) + searches),
         )
 
-    def move(self, z, logw, radius, beta, c, s, gen, rng):
-        """One pCN move of every particle, invariant for τ_β (module docstring)."""
+    def move(self, z, logw, radius, beta, shape, s, gen, rng):
+        """One lifted pCN move of every particle, invariant for τ_β (module docstring).
+
+        shape = (κ, c): the proposal's reference is the product density of y_j = √c_j sign(g_j)|g_j|^κ,
+        g ~ N(0, I) (κ = 1: N(0, diag c)); the move is pCN on g."""
         M, n = z.shape
-        c_t = torch.as_tensor(c, dtype=torch.float64, device=z.device)
-        inv_c = 1.0 / c_t
-        q = row_dots64((z, None, inv_c))[0].cpu().numpy()  # zᵀC⁻¹z
+        kappa, c = shape
+        sd = torch.as_tensor(np.sqrt(c), dtype=torch.float64, device=z.device)
+        z64 = z.double()
+        log_a, g_norm = _angular_log_density(z64, sd, kappa)
         chi = np.sqrt(rng.chisquare(n, size=M))
-        lift = torch.as_tensor(chi / np.sqrt(q), dtype=z.dtype, device=z.device)
-        xi = torch.randn(M, n, generator=gen, dtype=z.dtype, device=z.device)
-        y = math.sqrt(1.0 - s * s) * lift[:, None] * z + s * torch.sqrt(c_t).to(z.dtype) * xi
-        z_new = y / torch.linalg.vector_norm(y, dim=1, keepdim=True)
-        q_new = row_dots64((z_new, None, inv_c))[0].cpu().numpy()
+        lift = torch.as_tensor(chi, dtype=torch.float64, device=z.device) / g_norm  # |g| = χ_N: exact Gibbs draw
+        g = torch.sign(z64) * (z64.abs() / sd) ** (1.0 / kappa) * lift[:, None]
+        xi = torch.randn(M, n, generator=gen, dtype=torch.float64, device=z.device)
+        g = math.sqrt(1.0 - s * s) * g + s * xi
+        y = sd * torch.sign(g) * g.abs() ** kappa
+        # the proposal in the run's dtype, and its density where it is stored (exact MH ratio)
+        z_new = (y / torch.linalg.vector_norm(y, dim=1, keepdim=True)).to(z.dtype)
+        log_a_new, _ = _angular_log_density(z_new.double(), sd, kappa)
         guess = np.where(np.isfinite(radius), radius, self.base.max_radius)
         logw_new, radius_new, evals = self.weights(z_new, guess)
-        # log acceptance: β Δlog w − [log ACG_C(u') − log ACG_C(u)], log ACG_C = −(N/2) log(uᵀC⁻¹u)
-        log_alpha = beta * (logw_new - logw) + 0.5 * n * (np.log(q_new) - np.log(q))
+        # log acceptance: β Δlog w − [log A(u') − log A(u)], A the reference's angular density
+        log_alpha = beta * (logw_new - logw) - (log_a_new - log_a)
         accept = np.log(rng.uniform(size=M)) < log_alpha
         acc_t = torch.as_tensor(accept, device=z.device)
         z = torch.where(acc_t[:, None], z_new, z)
@@ -562,6 +605,7 @@ class _Sampler:
             local_exponent_min=float(exponent[finite].min()) if finite.any() else float("nan"),
             n_unbounded=int((~finite).sum()),
             final_shape=_shrunk(_adapt_scales(z, state["c"]), len(z)),
+            kappas=state["kappas"], moves=state["moves"],
         )
 
     def _local_exponents(self, z, radius):
@@ -631,6 +675,18 @@ def _log_term_sensitivity(base, v_hat, radius, h):
     return (hi - lo) / math.log1p(h)
 
 
+def _ranks(x) -> np.ndarray:
+    """Ranks of the (M,) values x, ties averaged (the copies of one parent share a rank)."""
+    return rankdata(x, method="average")
+
+
+def _rank_correlation(a, b) -> float:
+    """Spearman correlation of two rank vectors (NaN when one is constant)."""
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / den if den > 0 else float("nan")
+
+
 def _next_increment(logw, remaining, ess_fraction) -> float:
     """Largest Δ ≤ remaining with ESS(exp(Δ log w)) ≥ ess_fraction · M (bisection)."""
     M = len(logw)
@@ -665,6 +721,62 @@ def _systematic_resample(log_weights, rng) -> np.ndarray:
     cum = np.cumsum(w)
     cum[-1] = 1.0
     return np.searchsorted(cum, positions, side="right").clip(0, M - 1)
+
+
+KAPPAS = tuple(float(k) for k in np.exp(np.linspace(math.log(0.5), math.log(4.0), 10)))
+"""Tail exponents κ the moves' reference may take (κ > 1: heavy-tailed, sparse directions; κ < 1:
+light-tailed, directions towards the diagonals), chosen per temperature step by likelihood."""
+
+
+def _angular_log_density(z, sd, kappa):
+    """log A(u) (up to a constant of u) of the direction of y_j = sd_j sign(g_j)|g_j|^κ, g ~ N(0, I),
+    at the (M, N) float64 unit rows z; and √S(u), S = Σ|u_j/sd_j|^(2/κ) (|g| = √(χ²_N) · ... ).
+
+    y_j has density ∝ |y_j/sd_j|^(α−1) exp(−|y_j/sd_j|^γ / 2) with α = 1/κ, γ = 2/κ, so
+    A(u) ∝ ∏|u_j|^(α−1) · S(u)^(−N/2) (∏ sd_j = 1); κ = 1 is the angular central Gaussian."""
+    n = z.shape[1]
+    t = z.abs() / sd
+    S = (t ** (2.0 / kappa)).sum(1)
+    log_a = -0.5 * n * torch.log(S)
+    if kappa != 1.0:
+        log_a = log_a + (1.0 / kappa - 1.0) * torch.log(z.abs()).sum(1)
+    return log_a.cpu().numpy(), torch.sqrt(S)
+
+
+def _ancestor_halves(parents):
+    """Two halves of the particle indices with every copy of one parent in the same half
+    (parents sorted or not): alternate halves by the parent's rank."""
+    _, rank = np.unique(parents, return_inverse=True)
+    return [np.flatnonzero(rank % 2 == h) for h in (0, 1)]
+
+
+def _fit_shape(z, previous, choose_kappa=True, iterations: int = 20):
+    """(κ, c) of the moves' reference fitted to the (M, N) particles z by maximum likelihood of
+    its angular density (see :func:`_angular_log_density`): for each κ (all of KAPPAS when
+    choose_kappa, else the previous one), Tyler-style fixed point for the scales,
+    σ_j^γ ← (N/M) Σ_i |z_ij|^γ / S_i, normalised to geometric mean 1 (κ = 1: the angular central
+    Gaussian's, Tyler 1987); κ by the profile likelihood. c = σ², started from the previous c."""
+    M, n = z.shape
+    z_abs = np.maximum(z.double().abs().cpu().numpy(), 1e-300)
+    log_abs_sum = float(np.log(z_abs).sum())
+    prev_kappa, prev_c = previous
+    best = None
+    for kappa in (KAPPAS if choose_kappa else (prev_kappa,)):
+        gamma, alpha = 2.0 / kappa, 1.0 / kappa
+        zg = z_abs**gamma
+        s_g = np.asarray(prev_c, dtype=np.float64) ** (gamma / 2)
+        for _ in range(iterations):
+            q = zg @ (1.0 / s_g)
+            s_g = (n / M) * (zg / q[:, None]).sum(0)
+            s_g = np.maximum(s_g, 1e-12 * s_g.max())
+            s_g = np.exp(np.log(s_g) - np.log(s_g).mean())
+        q = zg @ (1.0 / s_g)
+        # normalised log likelihood on the sphere (∏ σ_j = 1): constants of κ included
+        ll = (M * (n * math.log(gamma / 2) - math.log(gamma / 2)) + (alpha - 1) * log_abs_sum
+              - 0.5 * n * float(np.log(q).sum()))
+        if best is None or ll > best[0]:
+            best = (ll, kappa, s_g ** (2 / gamma))
+    return best[1], best[2]
 
 
 def _adapt_scales(z, previous, iterations: int = 20) -> np.ndarray:
@@ -713,7 +825,7 @@ def _check_deterministic(cost, anchor, seed) -> None:
 
 
 # -- progress files -----------------------------------------------------------------------------
-_RUN_FIELDS = ("z", "logw", "radius", "initial", "c", "step_size", "betas", "log_z", "ess", "acceptance",
+_RUN_FIELDS = ("z", "logw", "radius", "initial", "c", "kappas", "step_size", "betas", "log_z", "ess", "acceptance", "moves",
                "step_sizes", "ancestors", "evaluations", "move_evaluations", "move_searches")
 
 
