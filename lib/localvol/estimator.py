@@ -383,7 +383,7 @@ class VolumeRun:
         store["multipliers"][idx] = res.multiplier
         self.done[idx] = True
 
-    def log_terms(self, u, guess=None, first_index=0, points_buffer=None):
+    def log_terms(self, u, guess=None, first_index=0, points_buffer=None, exponent=None):
         """Radius search and per-sample log terms log w (eq. 15 / 19, nats) of the directions u.
 
         Args:
@@ -393,6 +393,8 @@ class VolumeRun:
                 radii along P u, or a callable mapping the (B,) |P u| to such an array (or None).
             first_index: the first row's number in error messages.
             points_buffer: optional (≥ B, N) buffer for the search's points.
+            exponent: optional (B,) first power-law exponents of the searches (find_radius's
+                ``initial_exponent``; None: 2).
 
         Returns:
             (samples (B,) float64 log w_i, the :class:`RadiusResult` along v = P u, log|u_i| (B,)).
@@ -420,7 +422,7 @@ class VolumeRun:
         res = find_radius(
             self.cost, anchor, v, cutoff=self.cutoff, rtol=self.rtol, max_radius=self.max_radius,
             initial_radius=guess, anchor_cost=self.anchor_cost, first_index=first_index,
-            direction_norms=v_norm, points_buffer=points_buffer,
+            direction_norms=v_norm, points_buffer=points_buffer, initial_exponent=exponent,
         )
         if isinstance(prior, GaussianPrior):
             samples = prior.log_terms_from_coefficients(n, self.log_ray_constant, a, b, res.multiplier, log_u_norm)

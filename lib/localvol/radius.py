@@ -8,7 +8,8 @@ docs/authors-code.md#radius-search).
 Search (all directions of the batch in one cost call per round; converged ones drop out):
 1. first guess m_0 (the caller's, e.g. the median of earlier batches, or a default);
 2. a power-law step m ← m (c/Δ)^(1/p): p = 2 from one point (the local quadratic model of the
-   cost, exact for KL near its minimum), p fitted in log-log space from the last two points
+   cost, exact for KL near its minimum; or the caller's ``initial_exponent``, e.g. the exponent
+   a parent direction's search measured), p fitted in log-log space from the last two points
    afterwards (a secant step on log Δ vs log m);
 3. once the root is bracketed, a step outside the bracket (or the 6th+ step) is replaced by
    bisection in log m, so the search always converges for continuous monotone costs.
@@ -41,6 +42,8 @@ class RadiusResult:
     cost: Δ = C(θ0 + m d) − C(θ0) at the returned point, as evaluated (cutoff units; NaN for
         infinite radii, whose last evaluated cost is in ``cost_at_max``).
     evaluations: cost evaluations spent on each direction. anchor_cost: C(θ0).
+    exponent: the last fitted d log Δ / d log m (NaN where the search had fewer than two
+        points with Δ > 0): hand it to a nearby direction's search as ``initial_exponent``.
     """
 
     radius: np.ndarray
@@ -49,6 +52,7 @@ class RadiusResult:
     evaluations: np.ndarray
     anchor_cost: float
     direction_norms: np.ndarray
+    exponent: np.ndarray = None
 
 
 def evaluate_anchor_cost(cost, anchor: torch.Tensor) -> float:
@@ -78,6 +82,7 @@ def find_radius(
     first_index: int = 0,
     direction_norms=None,
     points_buffer: torch.Tensor | None = None,
+    initial_exponent=None,
 ) -> RadiusResult:
     """Find, along each direction, the radius where the cost crosses the cutoff.
 
@@ -99,6 +104,8 @@ def find_radius(
             float64 pass computes them).
         points_buffer: optional (≥ B, N) tensor of the anchor's dtype and device to write the
             evaluated points into (else one is allocated per call).
+        initial_exponent: optional float or (B,) array p of the first power-law step,
+            Δ ∝ m^p (default 2; NaN entries: 2; clipped to [0.25, 16]).
 
     The cost is called with a (b, N) tensor that find_radius reuses from call to call: a cost
     must not keep a reference to its argument (copy it if it needs to).
@@ -141,6 +148,10 @@ def find_radius(
     if not np.all(np.isfinite(r0) & (r0 > 0)):
         raise ValueError(f"initial_radius must be finite and > 0, got {r0[~(np.isfinite(r0) & (r0 > 0))][:3]}")
     m_max = max_radius / norms
+    p_first = np.full(n_dir, 2.0)
+    if initial_exponent is not None:
+        given = np.broadcast_to(np.asarray(initial_exponent, dtype=np.float64), (n_dir,))
+        p_first = np.where(np.isfinite(given) & (given > 0), np.clip(given, 0.25, 16.0), 2.0)
     m_next = np.minimum(r0 / norms, m_max)
 
     lo = np.zeros(n_dir)  # largest multiplier known below the cutoff
@@ -212,7 +223,8 @@ def find_radius(
             if math.isfinite(d) and d > 0:
                 prev_m[i], prev_d[i], last_m[i], last_d[i] = last_m[i], last_d[i], mi, d
             m_next[i] = _next_multiplier(
-                mi, d, prev_m[i], prev_d[i], last_m[i], last_d[i], lo[i], hi[i], m_max[i], cutoff, evals[i]
+                mi, d, prev_m[i], prev_d[i], last_m[i], last_d[i], lo[i], hi[i], m_max[i], cutoff, evals[i],
+                p_first[i],
             )
             stuck = math.isfinite(hi[i]) and hi[i] <= lo[i] * (1 + 1e-12)
             if evals[i] >= max_evaluations or stuck:
@@ -231,17 +243,30 @@ def find_radius(
         evaluations=evals,
         anchor_cost=anchor_cost,
         direction_norms=norms,
+        exponent=_fitted_exponents(prev_m, prev_d, last_m, last_d, result_m, result_d),
     )
 
 
-def _next_multiplier(m, d, prev_m, prev_d, last_m, last_d, lo, hi, m_max, cutoff, n_evals):
+def _fitted_exponents(prev_m, prev_d, last_m, last_d, result_m, result_d) -> np.ndarray:
+    """Slope of log Δ vs log m through the last two points with Δ > 0 of each search (the
+    accepted point included), NaN where there are not two."""
+    ok = np.isfinite(result_m) & (result_d > 0)
+    # the accepted point was not recorded as "last": it pairs with the last recorded one
+    m1, d1 = np.where(ok, last_m, prev_m), np.where(ok, last_d, prev_d)
+    m2, d2 = np.where(ok, result_m, last_m), np.where(ok, result_d, last_d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.log(d2 / d1) / np.log(m2 / m1)
+    return np.where(np.isfinite(p) & (p > 0), p, np.nan)
+
+
+def _next_multiplier(m, d, prev_m, prev_d, last_m, last_d, lo, hi, m_max, cutoff, n_evals, p_first=2.0):
     """Next multiplier to try: power-law (secant in log-log) step, safeguarded by the bracket."""
     if not math.isfinite(d):
         step = None  # non-finite: fall back to bisection below it
     elif d <= 0:
         step = m * 100.0  # below the cost's resolution: jump
     else:
-        p = 2.0  # local quadratic model
+        p = p_first  # local quadratic model, or the caller's exponent
         if math.isfinite(prev_m) and prev_m != last_m and prev_d != last_d:
             fitted = math.log(last_d / prev_d) / math.log(last_m / prev_m)
             if math.isfinite(fitted) and fitted > 0:

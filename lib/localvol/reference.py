@@ -368,11 +368,13 @@ def estimate_log_volume_reference(
         _shaped_base(base, shape), n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed)
     runs = [estimation.run(r, saved.get(r), save_as(r), progress) for r in range(n_runs)]
     return _combine(runs, base, estimation, n_particles, n_moves, max_spread, time.perf_counter() - t0,
-                    n_pilots, shape, pilot_evaluations, smc.initial_weights.get(n_runs))
+                    n_pilots, shape, pilot_evaluations, smc.initial_weights.get(n_runs),
+                    checkpointed=checkpoint_path is not None)
 
 
 def _combine(runs, base, smc, n_particles, n_moves, max_spread, wall, n_pilots, shape, pilot_evaluations,
-             paper_weights=None):
+             paper_weights=None, checkpointed=False):
+    # evaluations: the anchor, the determinism check (2), the checkpoint's cost probe (3), the runs
     L = np.array([r.log_volume for r in runs])
     R = len(L)
     m, s = float(L.mean()), float(L.std(ddof=1))
@@ -413,7 +415,7 @@ def _combine(runs, base, smc, n_particles, n_moves, max_spread, wall, n_pilots, 
         n_moves=n_moves,
         prior=repr(base.prior),
         preconditioner="naive" if base.preconditioner is None else repr(base.preconditioner),
-        cost_evaluations=1 + 2 + sum(r.cost_evaluations for r in runs) + pilot_evaluations,
+        cost_evaluations=1 + 2 + 3 * checkpointed + sum(r.cost_evaluations for r in runs) + pilot_evaluations,
         wall_time_s=wall,
         meta={"n_pilots": n_pilots, "max_moves": smc.max_moves,
               "pilot_shape_log_sd": None if shape is None else float(np.log(shape).std())},
@@ -433,11 +435,11 @@ class _Sampler:
         self.initial_weights = {}
 
     # -- weights -------------------------------------------------------------------------------
-    def weights(self, z, guess):
+    def weights(self, z, guess, exponent=None):
         """log w of the (M, N) latent directions z, searched in batches; guess: (M,) radii or None.
 
         Returns (log w (M,), Euclidean radii (M,), evaluations (M,))."""
-        out_w, out_r, out_e = [], [], []
+        out_w, out_r, out_e, out_p = [], [], [], []
         for s in range(0, len(z), self.batch_size):
             zb = z[s : s + self.batch_size].clone()  # a preconditioner may work in place
             gb = None if guess is None else guess[s : s + self.batch_size]
@@ -445,7 +447,8 @@ class _Sampler:
                 finite = np.concatenate(out_r)
                 finite = finite[np.isfinite(finite)]
                 gb = None if finite.size == 0 else np.full(len(zb), float(np.median(finite)))
-            w, res, _ = self.base.log_terms(zb, gb, first_index=s)
+            pb = None if exponent is None else exponent[s : s + self.batch_size]
+            w, res, _ = self.base.log_terms(zb, gb, first_index=s, exponent=pb)
             if isinstance(self.base.prior, LebesguePrior) and np.isinf(res.radius).any():
                 i = s + int(np.flatnonzero(np.isinf(res.radius))[0])
                 raise ValueError(
@@ -453,8 +456,8 @@ class _Sampler:
                     f"cutoff {self.base.cutoff:g} up to max_radius = {self.base.max_radius:g}): its "
                     "Lebesgue volume is infinite; use a GaussianPrior or a cost that bounds the "
                     "neighbourhood")
-            out_w.append(w), out_r.append(res.radius), out_e.append(res.evaluations)
-        return np.concatenate(out_w), np.concatenate(out_r), np.concatenate(out_e)
+            out_w.append(w), out_r.append(res.radius), out_e.append(res.evaluations), out_p.append(res.exponent)
+        return np.concatenate(out_w), np.concatenate(out_r), np.concatenate(out_e), np.concatenate(out_p)
 
     # -- one run -------------------------------------------------------------------------------
     def run(self, r, state, save, progress) -> ReferenceRun:
@@ -462,8 +465,8 @@ class _Sampler:
         if state is None:
             z = sample_directions(n, range(r * M, (r + 1) * M), seed=self.seed, dtype=self.dtype,
                                   device=self.device)  # (M, N)
-            logw, radius, evals = self.weights(z, None)
-            state = dict(z=z.cpu().numpy(), logw=logw, radius=radius, initial=logw.copy(),
+            logw, radius, evals, exponent = self.weights(z, None)
+            state = dict(z=z.cpu().numpy(), logw=logw, radius=radius, exponent=exponent, initial=logw.copy(),
                          c=np.ones(n), kappas=np.zeros(0), step_size=np.array(0.5), betas=np.array([0.0]), log_z=np.array(0.0),
                          ess=np.zeros(0), acceptance=np.zeros(0), moves=np.zeros(0, np.int64), step_sizes=np.zeros(0),
                          ancestors=np.zeros(0, np.int64), evaluations=np.array(int(evals.sum())),
@@ -508,6 +511,7 @@ class _Sampler:
                 "closer to the neighbourhood's shape")
         z = torch.as_tensor(state["z"][parents], device=self.device)
         logw, radius = logw[parents].copy(), state["radius"][parents].copy()
+        exponent = np.asarray(state["exponent"], dtype=np.float64)[parents].copy()
         c = np.asarray(state["c"], dtype=np.float64)
         kappa = float(state["kappas"][-1]) if len(state["kappas"]) else 1.0
         step_size = float(state["step_size"])
@@ -526,9 +530,9 @@ class _Sampler:
                 fitted[h] = _fit_shape(other, fitted[h], choose_kappa=(j == 0))
                 key = np.random.SeedSequence([self.seed, r, t, j + 1, h]).generate_state(1, np.uint64)[0]
                 gen.manual_seed(int(key >> np.uint64(1)))
-                zh, lh, rh, acc, e = self.move(z[mine], logw[mine], radius[mine], new_beta, fitted[h], step_size,
-                                               gen, rng)
-                z[mine], logw[mine], radius[mine] = zh, lh, rh
+                zh, lh, rh, ph, acc, e = self.move(z[mine], logw[mine], radius[mine], exponent[mine], new_beta,
+                                                   fitted[h], step_size, gen, rng)
+                z[mine], logw[mine], radius[mine], exponent[mine] = zh, lh, rh, ph
                 evals += int(e.sum())
                 searches += len(e)
                 acc_total += acc * len(mine) / M
@@ -542,7 +546,7 @@ class _Sampler:
         kappa, c = fitted[0]
         move_evals = evals
         return dict(
-            z=z.cpu().numpy(), logw=logw, radius=radius, initial=state["initial"], c=c,
+            z=z.cpu().numpy(), logw=logw, radius=radius, exponent=exponent, initial=state["initial"], c=c,
             kappas=np.append(state["kappas"], kappa), step_size=np.array(step_size), betas=np.append(state["betas"], new_beta),
             log_z=np.array(float(state["log_z"]) + log_mean), ess=np.append(state["ess"], ess),
             acceptance=np.append(state["acceptance"], acc_total / j), moves=np.append(state["moves"], j),
@@ -553,7 +557,7 @@ class _Sampler:
             move_searches=np.array(int(state["move_searches"]) + searches),
         )
 
-    def move(self, z, logw, radius, beta, shape, s, gen, rng):
+    def move(self, z, logw, radius, exponent, beta, shape, s, gen, rng):
         """One lifted pCN move of every particle, invariant for τ_β (module docstring).
 
         shape = (κ, c): the proposal's reference is the product density of y_j = √c_j sign(g_j)|g_j|^κ,
@@ -573,7 +577,7 @@ class _Sampler:
         z_new = (y / torch.linalg.vector_norm(y, dim=1, keepdim=True)).to(z.dtype)
         log_a_new, _ = _angular_log_density(z_new.double(), sd, kappa)
         guess = np.where(np.isfinite(radius), radius, self.base.max_radius)
-        logw_new, radius_new, evals = self.weights(z_new, guess)
+        logw_new, radius_new, evals, exponent_new = self.weights(z_new, guess, exponent)
         # log acceptance: β Δlog w − [log A(u') − log A(u)], A the reference's angular density
         log_alpha = beta * (logw_new - logw) - (log_a_new - log_a)
         accept = np.log(rng.uniform(size=M)) < log_alpha
@@ -581,7 +585,10 @@ class _Sampler:
         z = torch.where(acc_t[:, None], z_new, z)
         logw = np.where(accept, logw_new, logw)
         radius = np.where(accept, radius_new, radius)
-        return z, logw, radius, float(accept.mean()), evals
+        # the next search's first step: the exponent the proposal's search measured (a nearby
+        # ray), accepted or not; the old one where it measured none
+        exponent = np.where(np.isfinite(exponent_new), exponent_new, exponent)
+        return z, logw, radius, exponent, float(accept.mean()), evals
 
     def finish(self, r, state) -> ReferenceRun:
         """The run's result, with the radius tolerance's bias bound at the final particles."""
@@ -825,7 +832,7 @@ def _check_deterministic(cost, anchor, seed) -> None:
 
 
 # -- progress files -----------------------------------------------------------------------------
-_RUN_FIELDS = ("z", "logw", "radius", "initial", "c", "kappas", "step_size", "betas", "log_z", "ess", "acceptance", "moves",
+_RUN_FIELDS = ("z", "logw", "radius", "exponent", "initial", "c", "kappas", "step_size", "betas", "log_z", "ess", "acceptance", "moves",
                "step_sizes", "ancestors", "evaluations", "move_evaluations", "move_searches")
 
 

@@ -1,0 +1,113 @@
+"""The reference's MCMC moves and budgets: invariance of the lifted pCN kernel for every tail
+exponent, the shape fit, adaptive move counts, warm-started searches and evaluation counts."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from localvol import LebesguePrior, QuadraticCost, estimate_log_volume_reference
+from localvol.directions import sample_directions
+from localvol.estimator import VolumeRun
+from localvol.radius import find_radius
+from localvol.reference import KAPPAS, _fit_shape, _Sampler
+
+DT = torch.float64
+
+
+def _ball_sampler(n, M):
+    cost = QuadraticCost(torch.eye(n, dtype=DT), torch.zeros(n, dtype=DT))
+    base = VolumeRun(cost, torch.zeros(n, dtype=DT), cutoff=0.5, n_samples=1, prior=LebesguePrior(),
+                     preconditioner=None, rtol=1e-6, batch_size=M, seed=0, max_radius=None)
+    return _Sampler(base, M, (1, 1), 0.5, 10, M, 0)
+
+
+@pytest.mark.parametrize("kappa", [0.5, 1.0, 2.52])
+def test_move_leaves_the_uniform_distribution_invariant_at_beta_zero(kappa):
+    # at β = 0 the target is the uniform distribution on the sphere whatever the reference: an
+    # anisotropic reference (scales 3 : 1 : 1 : 1/3) must not pull the particles to its long
+    # axis. Uniform on S^3: E u_j² = 1/4, E u_j⁴ = 1/8 (sd of the mean of u² over 4,000
+    # particles 0.004). A kernel without the |u|^(1/κ−1) Jacobian or with the wrong power of S
+    # moves E u_0² by more than 0.1 within these moves.
+    n, M = 4, 4000
+    smc = _ball_sampler(n, M)
+    z = sample_directions(n, range(M), seed=1, dtype=DT, device="cpu")
+    logw, radius, _, exponent = smc.weights(z, None)
+    c = np.array([9.0, 1.0, 1.0, 1 / 9])
+    rng = np.random.default_rng(3)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(30):
+        z, logw, radius, exponent, acc, _ = smc.move(z, logw, radius, exponent, 0.0, (kappa, c), 0.5, gen, rng)
+    u2 = (z**2).mean(0).numpy()
+    u4 = (z**4).mean(0).numpy()
+    assert np.abs(u2 - 0.25).max() < 0.02, u2
+    assert np.abs(u4 - 0.125).max() < 0.02, u4
+    assert 0.1 < acc < 0.95  # the moves did move (a broken kernel fails the moments above)
+
+
+def test_fit_shape_recovers_the_tail_exponent_and_scales():
+    rng = np.random.default_rng(0)
+    n, M = 50, 4000
+    sd = np.exp(rng.standard_normal(n))
+    sd /= np.exp(np.log(sd).mean())
+    for kappa in (1.0, 2.0):
+        g = rng.standard_normal((M, n))
+        y = sd * np.sign(g) * np.abs(g) ** kappa
+        z = torch.as_tensor(y / np.linalg.norm(y, axis=1, keepdims=True))
+        k_fit, c_fit = _fit_shape(z, (1.0, np.ones(n)))
+        assert k_fit == pytest.approx(kappa, rel=1e-12), (kappa, k_fit, KAPPAS)
+        assert np.abs(0.5 * np.log(c_fit) - np.log(sd)).max() < 0.15
+
+
+def test_cost_evaluations_are_counted_exactly(tmp_path):
+    n = 8
+    cost = QuadraticCost(torch.diag(torch.linspace(0.5, 2.0, n, dtype=DT)), torch.zeros(n, dtype=DT))
+    calls = {"points": 0}
+
+    def counted(theta):
+        calls["points"] += len(theta)
+        return cost(theta)
+
+    args = dict(cutoff=0.5, prior=LebesguePrior(), seed=1, n_particles=16, n_runs=4, n_moves=1, n_pilots=1,
+                progress=False)
+    anchor = torch.zeros(n, dtype=DT, device="cpu")
+    for checkpoint in (None, tmp_path / "ref.npz"):
+        calls["points"] = 0
+        ref = estimate_log_volume_reference(counted, anchor, checkpoint_path=checkpoint, **args)
+        assert ref.cost_evaluations == calls["points"], checkpoint
+
+
+def test_moves_per_step_lie_between_n_moves_and_max_moves():
+    n = 10
+    axes = torch.exp(torch.linspace(-1, 1, n, dtype=DT))
+    cost = QuadraticCost(torch.diag(axes**-2), torch.zeros(n, dtype=DT))
+    anchor = torch.zeros(n, dtype=DT, device="cpu")
+    ref = estimate_log_volume_reference(cost, anchor, cutoff=0.5, prior=LebesguePrior(), n_particles=32,
+                                        n_moves=2, max_moves=5, n_pilots=0, progress=False)
+    for run in ref.runs:
+        assert run.moves.min() >= 2 and run.moves.max() <= 5
+        assert len(run.moves) == run.n_temperatures
+    assert ref.meta["max_moves"] == 5
+    with pytest.raises(ValueError, match="max_moves"):
+        estimate_log_volume_reference(cost, anchor, cutoff=0.5, prior=LebesguePrior(), n_moves=4, max_moves=3,
+                                      progress=False)
+
+
+def test_a_known_exponent_finds_a_homogeneous_crossing_in_two_evaluations():
+    # C = |x|^p along every ray: from any first radius, one power-law step with the right p
+    # lands on the crossing, so the search stops at its second evaluation; p = 2 needs more
+    # for p ≠ 2; and the search reports the exponent it measured
+    n, p = 6, 1.0
+    d = sample_directions(n, range(5), seed=0, dtype=DT, device="cpu")
+
+    def cost(theta):
+        return torch.linalg.vector_norm(theta, dim=1) ** p
+
+    anchor = torch.zeros(n, dtype=DT, device="cpu")
+    r0 = np.array([0.1, 0.5, 2.0, 3.0, 7.0])
+    known = find_radius(cost, anchor, d, cutoff=1.0, rtol=1e-6, initial_radius=r0, initial_exponent=p)
+    default = find_radius(cost, anchor, d, cutoff=1.0, rtol=1e-6, initial_radius=r0)
+    assert known.evaluations.tolist() == [2] * 5
+    assert (default.evaluations > 2).all()
+    np.testing.assert_allclose(known.radius, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(default.exponent, p, rtol=1e-6)
