@@ -136,7 +136,9 @@ def one(body, n, seed, k, reference_kwargs):
                 ref=ref.log_volume - truth, lo=ref.interval[0] - truth, hi=ref.interval[1] - truth,
                 covered=ref.interval[0] <= truth <= ref.interval[1], converged=ref.converged,
                 evaluations=ref.cost_evaluations, seconds=time.perf_counter() - t0,
-                per_search=float(np.mean([r.move_evaluations_per_search for r in ref.runs])))
+                per_search=float(np.mean([r.move_evaluations_per_search for r in ref.runs])),
+                moves=float(np.mean([r.moves.mean() for r in ref.runs])),
+                kappa=float(np.median(np.concatenate([r.kappas for r in ref.runs]))))
 
 
 def main():
@@ -146,15 +148,18 @@ def main():
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--particles", type=int, default=256)
-    ap.add_argument("--moves", type=int, default=8)
+    ap.add_argument("--moves", type=int, default=8, help="n_moves: pCN moves per step at least")
+    ap.add_argument("--max-moves", type=int, default=None, help="max_moves (default 4 n_moves)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     kwargs = dict(n_particles=args.particles, n_moves=args.moves)
+    if args.max_moves is not None:
+        kwargs["max_moves"] = args.max_moves
     print(f"reference: {kwargs}, 4 runs, 2 pilots, rtol 0.05/N; paper estimator k = {args.k}; errors in nats "
           f"(estimate − truth); {args.seeds} seeds per row")
     print("| body | N | truth | paper naive | paper mis-diag | reference (median) | |err| median | 95 % interval (median) "
-          "| coverage | converged | evaluations | evals/search | s/estimate |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| coverage | converged | evaluations | evals/search | moves/step | κ | s/estimate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.n:
         for body in args.bodies:
             rows = [one(body, n, seed, args.k, kwargs) for seed in range(args.seeds)]
@@ -164,7 +169,8 @@ def main():
             abs_err = float(np.median([abs(r["ref"]) for r in rows]))
             print(f"| {body} | {n} | {med['truth']:.1f} | {med['naive']:.1f} | {med['diag']:.1f} | {med['ref']:+.2f} | "
                   f"{abs_err:.2f} | [{med['lo']:+.2f}, {med['hi']:+.2f}] | {cover:.0%} | {conv:.0%} | "
-                  f"{med['evaluations']:.0f} | {med['per_search']:.2f} | {med['seconds']:.1f} |", flush=True)
+                  f"{med['evaluations']:.0f} | {med['per_search']:.2f} | {med['moves']:.1f} | {med['kappa']:.2f} | "
+                  f"{med['seconds']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
