@@ -8,113 +8,24 @@ over seeds, and cost evaluations. Prints a Markdown table.
     python benchmarks/reference_coverage.py                       # N = 10, 100; 20 seeds
     python benchmarks/reference_coverage.py --n 1000 --seeds 5    # larger bodies, fewer seeds
 
-Bodies (every cost is the body's gauge about the anchor, or a power of it, so the star domain
-{C < 1} is the body; the anchor is inside, shifted from the centre where named):
-  ellipsoid        Lebesgue, semi-axes exp(g), g ~ N(0, 1): V_N ∏ a_j
-  ellipsoid-shift  the same, anchor moved to 0.5 of the way to the boundary along a random ray
-  l1, l4, l0.5     Lebesgue l_p balls with log-normal per-axis scales: ∏ 2 a_j Γ(1+1/p) / Γ(1+N/p)
-                   (p = 0.5 is not convex: a star body about its centre)
-  box-gauss        Gaussian N(0, I) mass of an anisotropic box, centre shifted: ∏ [Φ(u_j) − Φ(l_j)]
-  cross            Lebesgue union of two boxes sharing their centre, long in complementary halves
-                   of the axes (not convex): V1 + V2 − V(B1 ∩ B2)
+Bodies: benchmarks/bodies.py (each cost is the body's gauge about the anchor, so the star domain
+{C < 1} is the body; truths from closed forms or, for the Gaussian measure of ellipsoids, from
+the exact inversion integral of benchmarks/gaussian_ellipsoid.py).
 Misspecified preconditioner: diag with exponent 1/4 of the true per-axis curvature a_j^-2 times
 log-normal noise (sd 0.5): half-matched in log scale, with errors.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
 import torch
-from scipy.special import gammaln, log_ndtr, logsumexp
 
-from localvol import DiagonalPreconditioner, GaussianPrior, LebesguePrior, estimate_log_volume
+from localvol import DiagonalPreconditioner, estimate_log_volume
 from localvol.reference import estimate_log_volume_reference
 
-DT = torch.float64
-
-
-def _scales(n, rng, sd=1.0):
-    return np.exp(sd * rng.standard_normal(n))
-
-
-def ellipsoid(n, rng, shift=False):
-    a = _scales(n, rng)
-    centre = np.zeros(n)
-    anchor = centre.copy()
-    if shift:
-        d = rng.standard_normal(n)
-        d /= np.sqrt(np.sum((d / a) ** 2))  # on the boundary
-        anchor = centre + 0.5 * d
-    A, C, Q = (torch.as_tensor(x, dtype=DT) for x in (a, centre, anchor))
-
-    def cost(theta):  # gauge of the ellipsoid about the anchor: 1/t*, a + t*(x − a) on the boundary
-        d = theta - Q
-        qa = ((d / A) ** 2).sum(-1)
-        qb = 2 * (((Q - C) * d) / A**2).sum(-1)
-        qc = (((Q - C) / A) ** 2).sum() - 1.0
-        t = (-qb + torch.sqrt(qb * qb - 4 * qa * qc)) / (2 * qa)
-        return torch.where(qa > 0, 1.0 / t, torch.zeros_like(qa))
-
-    truth = 0.5 * n * math.log(math.pi) - gammaln(0.5 * n + 1) + float(np.log(a).sum())
-    return cost, anchor, LebesguePrior(), truth, a**-2
-
-
-def lp_ball(n, rng, p):
-    a = _scales(n, rng)
-    A = torch.as_tensor(a, dtype=DT)
-
-    def cost(theta):  # Σ|x/a|^p: homogeneous of degree p along rays from the centre
-        return ((theta / A).abs() ** p).sum(-1)
-
-    truth = n * math.log(2) + float(np.log(a).sum()) + n * gammaln(1 + 1 / p) - gammaln(1 + n / p)
-    return cost, np.zeros(n), LebesguePrior(), truth, a**-2
-
-
-def box_gauss(n, rng):
-    h = 0.5 * _scales(n, rng, 0.7)  # half-widths in prior sd units
-    centre = 0.3 * h * rng.uniform(-1, 1, n)
-    anchor = centre + 0.3 * h * rng.uniform(-1, 1, n)
-    H, C, Q = (torch.as_tensor(x, dtype=DT) for x in (h, centre, anchor))
-    up, down = C + H - Q, Q - (C - H)
-
-    def cost(theta):  # the box's gauge about the anchor
-        d = theta - Q
-        return (d.clamp(min=0) / up + (-d).clamp(min=0) / down).amax(-1)
-
-    upper, lower = (centre + h), (centre - h)
-    # log(Φ(u) − Φ(l)) stably, on the side of the origin's tail
-    truth = float(np.sum(np.logaddexp(log_ndtr(upper), -np.inf) + np.log(-np.expm1(log_ndtr(lower) - log_ndtr(upper)))))
-    return cost, anchor, GaussianPrior(1.0), truth, h**-2
-
-
-def cross(n, rng):
-    h = _scales(n, rng, 0.5)
-    half = n // 2
-    h1, h2 = h.copy(), h.copy()
-    h1[:half] *= 3.0
-    h2[half:] *= 3.0
-    H1, H2 = torch.as_tensor(h1, dtype=DT), torch.as_tensor(h2, dtype=DT)
-
-    def cost(theta):  # min of the two boxes' gauges: {C < 1} is their union
-        return torch.minimum((theta.abs() / H1).amax(-1), (theta.abs() / H2).amax(-1))
-
-    log_v1, log_v2, log_v12 = (float(np.sum(np.log(2 * x))) for x in (h1, h2, np.minimum(h1, h2)))
-    truth = float(logsumexp([log_v1, log_v2, log_v12], b=[1, 1, -1]))
-    return cost, np.zeros(n), LebesguePrior(), truth, np.minimum(h1, h2) ** -2
-
-
-BODIES = {
-    "ellipsoid": lambda n, rng: ellipsoid(n, rng),
-    "ellipsoid-shift": lambda n, rng: ellipsoid(n, rng, shift=True),
-    "l1": lambda n, rng: lp_ball(n, rng, 1.0),
-    "l4": lambda n, rng: lp_ball(n, rng, 4.0),
-    "l0.5": lambda n, rng: lp_ball(n, rng, 0.5),
-    "box-gauss": box_gauss,
-    "cross": cross,
-}
+from bodies import BODIES, DT, make
 
 
 def misspecified(curvature, rng):
@@ -123,9 +34,7 @@ def misspecified(curvature, rng):
 
 
 def one(body, n, seed, k, reference_kwargs):
-    rng = np.random.default_rng([seed, n, sum(map(ord, body))])
-    cost, anchor, prior, truth, curvature = BODIES[body](n, rng)
-    anchor = torch.as_tensor(anchor, dtype=DT)
+    cost, anchor, prior, truth, curvature, rng = make(body, n, seed)
     pre = misspecified(curvature, rng)
     kw = dict(cutoff=1.0, prior=prior, progress=False, seed=seed)
     naive = estimate_log_volume(cost, anchor, n_samples=k, rtol=1e-3, **kw)
