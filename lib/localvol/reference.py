@@ -15,8 +15,10 @@ and a population of M particles is carried from the paper's proposal (β = 0) to
 distribution of directions in proportion to their share of the mass (β = 1): at each step the
 next temperature is chosen so that the effective sample size of the incremental weights
 w^(β'−β) is a fixed fraction of M, the particles are reweighted, resampled and moved by MCMC
-kernels that leave τ_β' invariant. The product of the mean incremental weights is an unbiased
-estimate of μ(S) (Del Moral, Doucet & Jasra 2006); with one temperature step (β_1 = 1) it is the
+kernels that leave τ_β' invariant. The product of the mean incremental weights estimates μ(S):
+unbiased for a schedule and kernels fixed in advance (Del Moral, Doucet & Jasra 2006), and with
+the temperatures and move shapes adapted from the particles, as here, consistent with a bias of
+order 1/M (Beskos, Jasra, Kantas & Thiery 2016); with one temperature step (β_1 = 1) it is the
 paper's estimator on M directions.
 
 MCMC moves: preconditioned Crank-Nicolson in a lifted space. A direction u is lifted to
@@ -29,6 +31,13 @@ the angular central Gaussian density of C (det C = 1). The kernel leaves τ_β i
 diagonal C > 0; C is adapted to the particles (their per-coordinate second moments) so that the
 move follows the shape of τ_β, and s is adapted to an acceptance rate near 0.3. Each proposed
 direction needs one radius search, started from its parent's radius.
+
+Langevin moves (``moves="langevin"``, pCNL of Cotter, Roberts, Stuart & White 2013): the same
+lift, then g' = ρ g + (1 − ρ) ∇Ψ(g) + s ξ (ρ = √(1−s²), Ψ = β log w − log A), accepted by
+Metropolis-Hastings with both proposal densities. ∇ log w comes from the cost's gradient at the
+crossing point (implicit differentiation of C(θ0 + r d̂) = cutoff), as the paper's closing
+section suggests (gradient-informed directions). On smooth costs it mixes in fewer moves; on
+costs with kinks (max, |x|) the gradient misleads and pCN is better (benchmarks/README.md).
 
 Error bar: R ≥ 4 independent runs give log estimates L_r; by the log-normal central limit
 theorem for SMC normalising constants (Bérard, Del Moral & Doucet 2014),
@@ -71,13 +80,19 @@ TARGET_ACCEPTANCE = 0.3
 """Acceptance rate the pCN step size is steered to (0.2-0.4 is the usual range for random-walk
 type moves in high dimension)."""
 
+LANGEVIN_ACCEPTANCE = 0.5
+"""Acceptance rate the Langevin (pCNL) step size is steered to (0.574 is optimal for MALA-type
+moves in high dimension, Roberts & Rosenthal 1998; a little lower is robust)."""
+
+MOVES = ("pcn", "langevin")
+
 
 @dataclass
 class ReferenceRun:
     """One sequential Monte Carlo run. Logs in nats.
 
     Attributes:
-        log_volume: log of the run's unbiased estimate of μ(S).
+        log_volume: log of the run's estimate of μ(S) (consistent, bias O(1/M): module docstring).
         paper_log_volume: log-mean-exp of the M initial weights: the paper's estimator on the
             run's M directions (its one-temperature case).
         betas: (T+1,) temperatures, 0 first, 1 last.
@@ -254,6 +269,7 @@ def estimate_log_volume_reference(
     max_temperatures: int = 2000,
     max_spread: float = 1.5,
     n_pilots: int = 2,
+    moves: str = "pcn",
     rtol: float | None = None,
     batch_size: int | None = None,
     max_radius: float | None = None,
@@ -290,7 +306,12 @@ def estimate_log_volume_reference(
         n_pilots: pilot runs before the estimation runs (≥ 0): each fits a diagonal angular
             central Gaussian shape to its final particles, and the next run (pilot or
             estimation) starts from the proposal P0 ∘ diag(√c) (still unit determinant). The
-            estimation runs use no pilot draw, so they stay unbiased for μ(S).
+            estimation runs use no pilot draw: the pilots' shape is a fixed proposal to them.
+        moves: "pcn" (preconditioned Crank-Nicolson, needs cost values only) or "langevin"
+            (pCN Langevin: the same lifted move with a drift along the gradient of the log
+            weight, from the cost's gradient at each crossing point by implicit
+            differentiation; one backward pass per proposal; the cost must be differentiable by
+            torch.autograd and the preconditioner's ``apply`` built from torch operations).
         rtol: radius-search tolerance (None: :func:`default_reference_rtol`).
         batch_size: directions per cost call (None: the estimator's default for M).
         max_radius: as :func:`localvol.estimate_log_volume`.
@@ -326,6 +347,8 @@ def estimate_log_volume_reference(
         raise ValueError(f"n_runs must be an integer ≥ 4 (the error bar needs independent runs), got {n_runs}")
     if not (isinstance(ess_fraction, (int, float, np.floating)) and 0 < ess_fraction < 1):
         raise ValueError(f"ess_fraction must be in (0, 1), got {ess_fraction!r}")
+    if moves not in MOVES:
+        raise ValueError(f"moves must be one of {MOVES}, got {moves!r}")
     if not (isinstance(max_spread, (int, float)) and max_spread > 0):
         raise ValueError(f"max_spread must be > 0 nats, got {max_spread!r}")
     if not isinstance(anchor, torch.Tensor) or anchor.ndim != 1:
@@ -340,12 +363,13 @@ def estimate_log_volume_reference(
     base = VolumeRun(cost, anchor, cutoff=cutoff, n_samples=1, prior=prior, preconditioner=preconditioner,
                      rtol=rtol, batch_size=batch_size, seed=seed, max_radius=max_radius)
     _check_deterministic(cost, base.anchor, seed)
-    smc = _Sampler(base, n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed)
+    smc = _Sampler(base, n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed, moves)
     state_key = None
     saved = {}
     if checkpoint_path is not None:
         # max_temperatures only decides where a run stops, not its path: not in the key
-        state_key = _state_key(base, n_particles, n_runs, (n_moves, max_moves), ess_fraction, n_pilots, batch_size)
+        state_key = _state_key(base, n_particles, n_runs, (n_moves, max_moves), ess_fraction, n_pilots, batch_size,
+                               moves)
         saved = _load_state(checkpoint_path, state_key)
     def save_as(r):
         def save(state):
@@ -360,12 +384,12 @@ def estimate_log_volume_reference(
     shape, pilot_evaluations = None, 0
     for p in range(n_pilots):
         sampler = smc if shape is None else _Sampler(
-            _shaped_base(base, shape), n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed)
+            _shaped_base(base, shape), n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed, moves)
         pilot = sampler.run(n_runs + p, saved.get(n_runs + p), save_as(n_runs + p), progress)
         pilot_evaluations += pilot.cost_evaluations
         shape = pilot.final_shape if shape is None else _normalised(shape * pilot.final_shape)
     estimation = smc if shape is None else _Sampler(
-        _shaped_base(base, shape), n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed)
+        _shaped_base(base, shape), n_particles, (n_moves, max_moves), ess_fraction, max_temperatures, batch_size, seed, moves)
     runs = [estimation.run(r, saved.get(r), save_as(r), progress) for r in range(n_runs)]
     return _combine(runs, base, estimation, n_particles, n_moves, max_spread, time.perf_counter() - t0,
                     n_pilots, shape, pilot_evaluations, smc.initial_weights.get(n_runs),
@@ -417,7 +441,7 @@ def _combine(runs, base, smc, n_particles, n_moves, max_spread, wall, n_pilots, 
         preconditioner="naive" if base.preconditioner is None else repr(base.preconditioner),
         cost_evaluations=1 + 2 + 3 * checkpointed + sum(r.cost_evaluations for r in runs) + pilot_evaluations,
         wall_time_s=wall,
-        meta={"n_pilots": n_pilots, "max_moves": smc.max_moves,
+        meta={"n_pilots": n_pilots, "max_moves": smc.max_moves, "moves": smc.moves,
               "pilot_shape_log_sd": None if shape is None else float(np.log(shape).std())},
     )
 
@@ -425,8 +449,9 @@ def _combine(runs, base, smc, n_particles, n_moves, max_spread, wall, n_pilots, 
 class _Sampler:
     """The SMC of one run, over the latent directions of ``base`` (a VolumeRun)."""
 
-    def __init__(self, base, n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed):
+    def __init__(self, base, n_particles, n_moves, ess_fraction, max_temperatures, batch_size, seed, moves="pcn"):
         self.base, self.M = base, n_particles
+        self.moves = moves
         self.n_moves, self.max_moves = n_moves
         self.ess_fraction, self.max_temperatures = ess_fraction, max_temperatures
         self.batch_size, self.seed = batch_size, seed
@@ -466,7 +491,11 @@ class _Sampler:
             z = sample_directions(n, range(r * M, (r + 1) * M), seed=self.seed, dtype=self.dtype,
                                   device=self.device)  # (M, N)
             logw, radius, evals, exponent = self.weights(z, None)
-            state = dict(z=z.cpu().numpy(), logw=logw, radius=radius, exponent=exponent, initial=logw.copy(),
+            grad = np.zeros(0)
+            if self.moves == "langevin":
+                grad, grad_evals = self.log_weight_gradients(z, radius)
+                evals = np.append(evals, grad_evals)
+            state = dict(z=z.cpu().numpy(), logw=logw, radius=radius, exponent=exponent, grad=grad, initial=logw.copy(),
                          c=np.ones(n), kappas=np.zeros(0), step_size=np.array(0.5), betas=np.array([0.0]), log_z=np.array(0.0),
                          ess=np.zeros(0), acceptance=np.zeros(0), moves=np.zeros(0, np.int64), step_sizes=np.zeros(0),
                          ancestors=np.zeros(0, np.int64), evaluations=np.array(int(evals.sum())),
@@ -512,10 +541,13 @@ class _Sampler:
         z = torch.as_tensor(state["z"][parents], device=self.device)
         logw, radius = logw[parents].copy(), state["radius"][parents].copy()
         exponent = np.asarray(state["exponent"], dtype=np.float64)[parents].copy()
+        langevin = self.moves == "langevin"
+        grad = state["grad"][parents].copy() if langevin else state["grad"]
+        target_acceptance = LANGEVIN_ACCEPTANCE if langevin else TARGET_ACCEPTANCE
         c = np.asarray(state["c"], dtype=np.float64)
         kappa = float(state["kappas"][-1]) if len(state["kappas"]) else 1.0
         step_size = float(state["step_size"])
-        acc_total, evals, searches = 0.0, 0, 0
+        acc_total, evals, searches, grad_evals = 0.0, 0, 0, 0
         gen = torch.Generator(device=self.device)
         halves = _ancestor_halves(parents)
         fitted = [(kappa, c), (kappa, c)]
@@ -530,14 +562,21 @@ class _Sampler:
                 fitted[h] = _fit_shape(other, fitted[h], choose_kappa=(j == 0))
                 key = np.random.SeedSequence([self.seed, r, t, j + 1, h]).generate_state(1, np.uint64)[0]
                 gen.manual_seed(int(key >> np.uint64(1)))
-                zh, lh, rh, ph, acc, e = self.move(z[mine], logw[mine], radius[mine], exponent[mine], new_beta,
-                                                   fitted[h], step_size, gen, rng)
+                if langevin:
+                    zh, lh, rh, ph, gh, acc, e = self.move_langevin(
+                        z[mine], logw[mine], radius[mine], exponent[mine], grad[mine], new_beta, fitted[h],
+                        step_size, gen, rng)
+                    grad[mine] = gh
+                    grad_evals += len(mine)  # one cost gradient at each proposal's crossing
+                else:
+                    zh, lh, rh, ph, acc, e = self.move(z[mine], logw[mine], radius[mine], exponent[mine], new_beta,
+                                                       fitted[h], step_size, gen, rng)
                 z[mine], logw[mine], radius[mine], exponent[mine] = zh, lh, rh, ph
                 evals += int(e.sum())
                 searches += len(e)
                 acc_total += acc * len(mine) / M
             # Robbins-Monro on log s towards the target acceptance
-            step_size = float(np.clip(step_size * math.exp(acc_total / (j + 1) - TARGET_ACCEPTANCE), 1e-4, 1.0))
+            step_size = float(np.clip(step_size * math.exp(acc_total / (j + 1) - target_acceptance), 1e-4, 1.0))
             j += 1
             # at least n_moves; then until the particles' log weights no longer remember their
             # order at the step's start (rank correlation ≤ MIXED_CORRELATION), or max_moves
@@ -546,13 +585,13 @@ class _Sampler:
         kappa, c = fitted[0]
         move_evals = evals
         return dict(
-            z=z.cpu().numpy(), logw=logw, radius=radius, exponent=exponent, initial=state["initial"], c=c,
+            z=z.cpu().numpy(), logw=logw, radius=radius, exponent=exponent, grad=grad, initial=state["initial"], c=c,
             kappas=np.append(state["kappas"], kappa), step_size=np.array(step_size), betas=np.append(state["betas"], new_beta),
             log_z=np.array(float(state["log_z"]) + log_mean), ess=np.append(state["ess"], ess),
             acceptance=np.append(state["acceptance"], acc_total / j), moves=np.append(state["moves"], j),
             step_sizes=np.append(state["step_sizes"], step_size),
             ancestors=np.append(state["ancestors"], unique),
-            evaluations=np.array(int(state["evaluations"]) + evals),
+            evaluations=np.array(int(state["evaluations"]) + evals + grad_evals),
             move_evaluations=np.array(int(state["move_evaluations"]) + move_evals),
             move_searches=np.array(int(state["move_searches"]) + searches),
         )
@@ -589,6 +628,134 @@ class _Sampler:
         # ray), accepted or not; the old one where it measured none
         exponent = np.where(np.isfinite(exponent_new), exponent_new, exponent)
         return z, logw, radius, exponent, float(accept.mean()), evals
+
+    # -- Langevin moves ------------------------------------------------------------------------
+    def log_weight_gradients(self, z, radius):
+        """∇_u log w(u) at the (M, N) latent directions z, whose Euclidean radii along
+        d̂ = P u / |P u| are ``radius``: (M, N) float64 array, and the cost evaluations (M).
+
+        By implicit differentiation of C(θ0 + r(d̂) d̂) = cutoff at the crossing x = θ0 + r d̂:
+        ∂r/∂d̂ = −r ∇C(x) / (∇C(x)·d̂). The log term (eq. 15 / 19) in latent coordinates is
+        log w = const + L(r, d̂) − N log|P u| + N log|u|, with L = N log r (Lebesgue) or the log
+        of the Gaussian ray integral Î(â, b̂, r), â = Σ d̂_j²/σ_j², b̂ = −Σ d̂_j θ0_j/σ_j², whose
+        partial derivatives are ∂L/∂r = r^(N−1) e^(−âr²/2+b̂r)/Î, ∂L/∂â = −E[t²]/2, ∂L/∂b̂ = E[t]
+        (moments of the ray's density, ratios of Î at N+2, N+1 and N). torch.autograd carries
+        these through d̂(u) and the preconditioner. A ray that never reaches the cutoff (r = ∞,
+        Gaussian prior) has ∂L/∂r = 0. The gradient's radial part does not matter (log w is
+        homogeneous of degree 0 in u)."""
+        from .priors import GaussianPrior
+        from .ray_integral import log_gaussian_ray_integral
+        base = self.base
+        n = self.n
+        out = []
+        for s in range(0, len(z), self.batch_size):
+            zb = z[s : s + self.batch_size].detach().double()
+            rb = np.asarray(radius[s : s + self.batch_size], dtype=np.float64)
+            finite = np.isfinite(rb)
+            with torch.enable_grad():
+                u = zb.clone().requires_grad_(True)
+                try:
+                    d = u if base.preconditioner is None else base.preconditioner.apply(u.clone())
+                    d = d.double()
+                except RuntimeError as err:
+                    raise ValueError(f"moves='langevin' needs a preconditioner whose apply torch.autograd can "
+                                     f"differentiate ({err})") from err
+                d_norm = torch.linalg.vector_norm(d, dim=1)
+                d_hat = d / d_norm[:, None]
+                # the cost's gradient at each finite crossing
+                r_t = torch.as_tensor(np.where(finite, rb, 0.0), dtype=torch.float64, device=zb.device)
+                x = (base.anchor.double() + r_t[:, None] * d_hat.detach()).to(base.anchor.dtype)
+                x = x.detach().requires_grad_(True)
+                try:
+                    c = base.cost(x)
+                    (grad_c,) = torch.autograd.grad(torch.as_tensor(c).sum(), x)
+                except RuntimeError as err:
+                    raise ValueError(f"moves='langevin' needs a cost that torch.autograd can differentiate ({err}); "
+                                     "use moves='pcn'") from err
+                grad_c = grad_c.double()
+                slope = (grad_c * d_hat.detach()).sum(1)  # dC/dr along the ray (> 0 at a crossing)
+                fin_t = torch.as_tensor(finite, device=zb.device)
+                dr_dd = torch.where(fin_t[:, None], -r_t[:, None] * grad_c / slope[:, None], torch.zeros_like(grad_c))
+                if isinstance(base.prior, GaussianPrior):
+                    inv_var = base.prior._inv_var(base.anchor)
+                    inv_var = torch.as_tensor(inv_var, dtype=torch.float64, device=zb.device)
+                    a_hat = (d_hat**2 * inv_var).sum(1)
+                    b_hat = -(d_hat * base.anchor.double() * inv_var).sum(1)
+                    a_np, b_np = a_hat.detach().cpu().numpy(), b_hat.detach().cpu().numpy()
+                    r_np = np.where(finite, rb, np.inf)
+                    l0 = log_gaussian_ray_integral(a_np, b_np, n, r_np)
+                    e1 = np.exp(log_gaussian_ray_integral(a_np, b_np, n + 1, r_np) - l0)
+                    e2 = np.exp(log_gaussian_ray_integral(a_np, b_np, n + 2, r_np) - l0)
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        dl_dr = np.where(finite, np.exp(-0.5 * a_np * rb**2 + b_np * rb + (n - 1) * np.log(rb) - l0), 0.0)
+                    dl_dr, e1, e2 = (torch.as_tensor(v, dtype=torch.float64, device=zb.device) for v in (dl_dr, e1, e2))
+                    surrogate = (dl_dr * (d_hat * dr_dd).sum(1) - 0.5 * e2 * a_hat + e1 * b_hat)
+                else:
+                    r_safe = torch.as_tensor(np.where(finite, rb, 1.0), dtype=torch.float64, device=zb.device)
+                    surrogate = n * (d_hat * dr_dd).sum(1) / r_safe
+                surrogate = surrogate - n * torch.log(d_norm) + n * torch.log(torch.linalg.vector_norm(u, dim=1))
+                (g,) = torch.autograd.grad(surrogate.sum(), u)
+            out.append(g.detach().cpu().numpy())
+        return np.concatenate(out), len(z)
+
+    def _langevin_drift(self, g, grad_u, beta, sd, kappa):
+        """Ψ(g) = β log w(u(g)) − log A(u(g)) up to its value (the caller has log w) and ∇_g Ψ,
+        through u(g) = y/|y|, y_j = sd_j sign(g_j)|g_j|^κ, with ∇_u log w = grad_u (first order)."""
+        with torch.enable_grad():
+            g = g.detach().clone().requires_grad_(True)
+            y = sd * torch.sign(g) * g.abs().clamp_min(1e-300) ** kappa
+            u = y / torch.linalg.vector_norm(y, dim=1, keepdim=True)
+            t = u.abs() / sd
+            log_a = -0.5 * u.shape[1] * torch.log((t ** (2.0 / kappa)).sum(1))
+            if kappa != 1.0:
+                log_a = log_a + (1.0 / kappa - 1.0) * torch.log(u.abs().clamp_min(1e-300)).sum(1)
+            psi = beta * (u * grad_u).sum(1) - log_a
+            (drift,) = torch.autograd.grad(psi.sum(), g)
+        return drift.detach()
+
+    def move_langevin(self, z, logw, radius, exponent, grad, beta, shape, s, gen, rng):
+        """One lifted pCN Langevin move of every particle (pCNL, Cotter, Roberts, Stuart & White
+        2013), invariant for τ_β: the lift of :meth:`move`, then on g (target ∝ φ(g) e^Ψ(g),
+        Ψ = β log w − log A) the proposal g' = ρ g + (1 − ρ) ∇Ψ(g) + s ξ, ρ = √(1 − s²),
+        accepted by Metropolis-Hastings with both Gaussian proposal densities (exact for any
+        drift). Returns what :meth:`move` returns plus the gradients of the new particles."""
+        M, n = z.shape
+        kappa, c = shape
+        sd = torch.as_tensor(np.sqrt(c), dtype=torch.float64, device=z.device)
+        z64 = z.double()
+        log_a, g_norm = _angular_log_density(z64, sd, kappa)
+        chi = np.sqrt(rng.chisquare(n, size=M))
+        lift = torch.as_tensor(chi, dtype=torch.float64, device=z.device) / g_norm
+        g = torch.sign(z64) * (z64.abs() / sd) ** (1.0 / kappa) * lift[:, None]
+        grad_t = torch.as_tensor(grad, dtype=torch.float64, device=z.device)
+        rho = math.sqrt(1.0 - s * s)
+        drift = self._langevin_drift(g, grad_t, beta, sd, kappa)
+        xi = torch.randn(M, n, generator=gen, dtype=torch.float64, device=z.device)
+        g_new = rho * g + (1.0 - rho) * drift + s * xi
+        y = sd * torch.sign(g_new) * g_new.abs() ** kappa
+        z_new = (y / torch.linalg.vector_norm(y, dim=1, keepdim=True)).to(z.dtype)
+        log_a_new, _ = _angular_log_density(z_new.double(), sd, kappa)
+        guess = np.where(np.isfinite(radius), radius, self.base.max_radius)
+        logw_new, radius_new, evals, exponent_new = self.weights(z_new, guess, exponent)
+        grad_new, _ = self.log_weight_gradients(z_new, radius_new)
+        grad_new_t = torch.as_tensor(grad_new, dtype=torch.float64, device=z.device)
+        drift_new = self._langevin_drift(g_new, grad_new_t, beta, sd, kappa)
+
+        def log_q(to, frm, drift_frm):  # log N(to; ρ frm + (1−ρ) ∇Ψ(frm), s² I), up to a constant
+            return (-0.5 * ((to - rho * frm - (1.0 - rho) * drift_frm) ** 2).sum(1) / (s * s)).cpu().numpy()
+
+        log_target = (beta * logw - log_a - 0.5 * (g**2).sum(1).cpu().numpy())
+        log_target_new = (beta * logw_new - log_a_new - 0.5 * (g_new**2).sum(1).cpu().numpy())
+        log_alpha = log_target_new - log_target + log_q(g, g_new, drift_new) - log_q(g_new, g, drift)
+        log_alpha = np.where(np.isfinite(log_alpha), log_alpha, -np.inf)
+        accept = np.log(rng.uniform(size=M)) < log_alpha
+        acc_t = torch.as_tensor(accept, device=z.device)
+        z = torch.where(acc_t[:, None], z_new, z)
+        logw = np.where(accept, logw_new, logw)
+        radius = np.where(accept, radius_new, radius)
+        grad = np.where(accept[:, None], grad_new, grad)
+        exponent = np.where(np.isfinite(exponent_new), exponent_new, exponent)
+        return z, logw, radius, exponent, grad, float(accept.mean()), evals
 
     def finish(self, r, state) -> ReferenceRun:
         """The run's result, with the radius tolerance's bias bound at the final particles."""
@@ -832,15 +999,17 @@ def _check_deterministic(cost, anchor, seed) -> None:
 
 
 # -- progress files -----------------------------------------------------------------------------
-_RUN_FIELDS = ("z", "logw", "radius", "exponent", "initial", "c", "kappas", "step_size", "betas", "log_z", "ess", "acceptance", "moves",
+_RUN_FIELDS = ("z", "logw", "radius", "exponent", "grad", "initial", "c", "kappas", "step_size", "betas", "log_z", "ess", "acceptance", "moves",
                "step_sizes", "ancestors", "evaluations", "move_evaluations", "move_searches")
 
 
-def _state_key(base, n_particles, n_runs, n_moves, ess_fraction, n_pilots, batch_size) -> str:
+def _state_key(base, n_particles, n_runs, n_moves, ess_fraction, n_pilots, batch_size, moves="pcn") -> str:
     probe = cost_probe(base.cost, base.anchor, base.anchor_cost, base.seed)
     parts = [fingerprint(base.anchor, base.cutoff, base.rtol, base.seed, base.prior, base.preconditioner,
                          base.max_radius, 1, batch_size, base.block_size),
              n_particles, n_runs, n_moves, ess_fraction, n_pilots, probe.tobytes().hex()]
+    if moves != "pcn":  # keys of pCN runs as before
+        parts.append(moves)
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
