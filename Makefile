@@ -37,10 +37,13 @@ help:
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-lock.txt
-	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(VENV)/bin/python || { echo "setup: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@$(VENV)/bin/python -c 'import sys; v = sys.version_info[:2]; assert v == (3, 11), f"need Python 3.11 for the pins, got {v}: make PYTHON=/path/to/python3.11"'
+	@echo "setup: installing the pinned packages (requirements-lock.txt; torch, transformers, dvc, jupyterlab ...): about 5 minutes on a new machine, seconds when they are cached"
 	$(VENV)/bin/python -m pip install --disable-pip-version-check --quiet -c requirements-lock.txt -e ".[replication,test]"
+	@echo "setup: registering the notebooks' Jupyter kernel"
 	$(VENV)/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (localvol)" >/dev/null
+	@echo "setup: done ($(VENV))"
 	@touch $(STAMP)
 
 # Raw inputs (data/, tracked by data.dvc). With a DVC remote configured, pull them; otherwise

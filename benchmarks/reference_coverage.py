@@ -59,9 +59,12 @@ def main():
     ap.add_argument("--particles", type=int, default=256)
     ap.add_argument("--moves", type=int, default=8, help="n_moves: pCN moves per step at least")
     ap.add_argument("--max-moves", type=int, default=None, help="max_moves (default 4 n_moves)")
+    ap.add_argument("--kernel", default="pcn", choices=["pcn", "langevin"], help="the reference's moves")
     args = ap.parse_args()
     torch.set_num_threads(1)
     kwargs = dict(n_particles=args.particles, n_moves=args.moves)
+    if args.kernel != "pcn":
+        kwargs["moves"] = args.kernel
     if args.max_moves is not None:
         kwargs["max_moves"] = args.max_moves
     print(f"reference: {kwargs}, 4 runs, 2 pilots, rtol 0.05/N; paper estimator k = {args.k}; errors in nats "
