@@ -100,7 +100,8 @@ class ReferenceRun:
         acceptance: (T,) mean acceptance rate of the moves after each step.
         step_sizes: (T,) pCN step size s used at each step (last move).
         unique_ancestors: (T,) distinct parents after each resampling.
-        cost_evaluations: cost evaluations of this run (searches and the exponent probe).
+        cost_evaluations: cost evaluations of this run (searches, the exponent probe and, with
+            Langevin moves, one gradient per particle at the start and per proposal).
         move_evaluations_per_search: mean evaluations of a radius search inside a move.
         rtol_bias_bound: bound on |bias| of log_volume from the radius tolerance, nats.
         local_exponent_min: smallest measured d log Δ / d log r at the final particles.
@@ -602,13 +603,8 @@ class _Sampler:
         shape = (κ, c): the proposal's reference is the product density of y_j = √c_j sign(g_j)|g_j|^κ,
         g ~ N(0, I) (κ = 1: N(0, diag c)); the move is pCN on g."""
         M, n = z.shape
-        kappa, c = shape
-        sd = torch.as_tensor(np.sqrt(c), dtype=torch.float64, device=z.device)
-        z64 = z.double()
-        log_a, g_norm = _angular_log_density(z64, sd, kappa)
-        chi = np.sqrt(rng.chisquare(n, size=M))
-        lift = torch.as_tensor(chi, dtype=torch.float64, device=z.device) / g_norm  # |g| = χ_N: exact Gibbs draw
-        g = torch.sign(z64) * (z64.abs() / sd) ** (1.0 / kappa) * lift[:, None]
+        kappa = shape[0]
+        sd, g, log_a = _lift(z, shape, rng)
         xi = torch.randn(M, n, generator=gen, dtype=torch.float64, device=z.device)
         g = math.sqrt(1.0 - s * s) * g + s * xi
         y = sd * torch.sign(g) * g.abs() ** kappa
@@ -657,9 +653,17 @@ class _Sampler:
                 try:
                     d = u if base.preconditioner is None else base.preconditioner.apply(u.clone())
                     d = d.double()
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except RuntimeError as err:
                     raise ValueError(f"moves='langevin' needs a preconditioner whose apply torch.autograd can "
                                      f"differentiate ({err})") from err
+                if not d.requires_grad:
+                    raise ValueError(
+                        "moves='langevin' needs a preconditioner whose apply torch.autograd can differentiate: "
+                        f"{base.preconditioner!r} returned a tensor that does not depend on its input through "
+                        "autograd (computed with numpy, detached or under torch.no_grad?); build apply from "
+                        "torch operations or use moves='pcn'")
                 d_norm = torch.linalg.vector_norm(d, dim=1)
                 d_hat = d / d_norm[:, None]
                 # the cost's gradient at each finite crossing
@@ -669,12 +673,16 @@ class _Sampler:
                 try:
                     c = base.cost(x)
                     (grad_c,) = torch.autograd.grad(torch.as_tensor(c).sum(), x)
+                except torch.cuda.OutOfMemoryError:
+                    raise  # the backward pass needs more memory than the searches: not a "no gradient"
                 except RuntimeError as err:
                     raise ValueError(f"moves='langevin' needs a cost that torch.autograd can differentiate ({err}); "
                                      "use moves='pcn'") from err
                 grad_c = grad_c.double()
                 slope = (grad_c * d_hat.detach()).sum(1)  # dC/dr along the ray (> 0 at a crossing)
-                fin_t = torch.as_tensor(finite, device=zb.device)
+                # where the cost does not grow at the crossing (a plateau, a kink) ∂r/∂d̂ is not
+                # defined: no drift from r there (the move stays exact, only less informed)
+                fin_t = torch.as_tensor(finite, device=zb.device) & (slope > 0) & torch.isfinite(grad_c).all(1)
                 dr_dd = torch.where(fin_t[:, None], -r_t[:, None] * grad_c / slope[:, None], torch.zeros_like(grad_c))
                 if isinstance(base.prior, GaussianPrior):
                     inv_var = base.prior._inv_var(base.anchor)
@@ -695,6 +703,7 @@ class _Sampler:
                     surrogate = n * (d_hat * dr_dd).sum(1) / r_safe
                 surrogate = surrogate - n * torch.log(d_norm) + n * torch.log(torch.linalg.vector_norm(u, dim=1))
                 (g,) = torch.autograd.grad(surrogate.sum(), u)
+            g = torch.where(torch.isfinite(g).all(1, keepdim=True), g, torch.zeros_like(g))
             out.append(g.detach().cpu().numpy())
         return np.concatenate(out), len(z)
 
@@ -720,13 +729,8 @@ class _Sampler:
         accepted by Metropolis-Hastings with both Gaussian proposal densities (exact for any
         drift). Returns what :meth:`move` returns plus the gradients of the new particles."""
         M, n = z.shape
-        kappa, c = shape
-        sd = torch.as_tensor(np.sqrt(c), dtype=torch.float64, device=z.device)
-        z64 = z.double()
-        log_a, g_norm = _angular_log_density(z64, sd, kappa)
-        chi = np.sqrt(rng.chisquare(n, size=M))
-        lift = torch.as_tensor(chi, dtype=torch.float64, device=z.device) / g_norm
-        g = torch.sign(z64) * (z64.abs() / sd) ** (1.0 / kappa) * lift[:, None]
+        kappa = shape[0]
+        sd, g, log_a = _lift(z, shape, rng)
         grad_t = torch.as_tensor(grad, dtype=torch.float64, device=z.device)
         rho = math.sqrt(1.0 - s * s)
         drift = self._langevin_drift(g, grad_t, beta, sd, kappa)
@@ -900,6 +904,20 @@ def _systematic_resample(log_weights, rng) -> np.ndarray:
 KAPPAS = tuple(float(k) for k in np.exp(np.linspace(math.log(0.5), math.log(4.0), 10)))
 """Tail exponents κ the moves' reference may take (κ > 1: heavy-tailed, sparse directions; κ < 1:
 light-tailed, directions towards the diagonals), chosen per temperature step by likelihood."""
+
+
+def _lift(z, shape, rng):
+    """The (M, N) unit rows z lifted to g with y_j = sd_j sign(g_j)|g_j|^κ in direction z and
+    |g| ~ χ_N (an exact Gibbs draw of the radius given the direction, since g ~ N(0, I)).
+    Returns (sd (N,) float64 tensor, g (M, N) float64, log A(z) (M,) of the reference)."""
+    M, n = z.shape
+    kappa, c = shape
+    sd = torch.as_tensor(np.sqrt(c), dtype=torch.float64, device=z.device)
+    z64 = z.double()
+    log_a, g_norm = _angular_log_density(z64, sd, kappa)
+    chi = np.sqrt(rng.chisquare(n, size=M))
+    lift = torch.as_tensor(chi, dtype=torch.float64, device=z.device) / g_norm
+    return sd, torch.sign(z64) * (z64.abs() / sd) ** (1.0 / kappa) * lift[:, None], log_a
 
 
 def _angular_log_density(z, sd, kappa):

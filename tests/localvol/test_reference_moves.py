@@ -203,3 +203,58 @@ def test_langevin_reference_on_an_ellipsoid_and_its_bad_inputs():
 
     with pytest.raises(ValueError, match="differentiate"):
         estimate_log_volume_reference(numpy_cost, torch.zeros(n, dtype=DT), moves="langevin", **kw)
+
+
+def test_langevin_survives_a_cost_that_does_not_grow_at_the_crossing():
+    # a plateau at the cutoff value: ∂r/∂d̂ is undefined there (0/0). The move must fall back to
+    # no drift from r (still exact), finish, and report what pCN reports, not die on a NaN proposal
+    n = 6
+
+    def plateau(theta):
+        r2 = (theta**2).sum(1)
+        return torch.clamp(r2, max=1.0) + torch.relu(r2 - 4.0)
+
+    kw = dict(cutoff=1.0, prior=LebesguePrior(), seed=0, n_particles=16, n_runs=4, n_moves=1, n_pilots=0,
+              progress=False)
+    pcn = estimate_log_volume_reference(plateau, torch.zeros(n, dtype=DT), **kw)
+    langevin = estimate_log_volume_reference(plateau, torch.zeros(n, dtype=DT), moves="langevin", **kw)
+    assert math.isfinite(langevin.log_volume)
+    assert not langevin.converged and not pcn.converged
+    assert any("could not be bounded" in p for p in langevin.problems)
+
+
+def test_langevin_refuses_a_preconditioner_autograd_cannot_see_through():
+    # apply computed in numpy on a detached copy: the drift would silently be zero along the sphere
+    n = 8
+
+    class NumpyDiagonal:
+        def __init__(self, n):
+            self.n = n
+            self.scales = np.exp(np.linspace(-0.5, 0.5, n))
+
+        def apply(self, u):
+            return torch.as_tensor(u.detach().cpu().numpy() * self.scales, dtype=u.dtype)
+
+    cost = QuadraticCost(torch.eye(n, dtype=DT), torch.zeros(n, dtype=DT))
+    kw = dict(cutoff=0.5, prior=LebesguePrior(), n_particles=16, n_runs=4, n_moves=1, n_pilots=0, progress=False)
+    estimate_log_volume_reference(cost, torch.zeros(n, dtype=DT), preconditioner=NumpyDiagonal(n), **kw)  # pCN: fine
+    with pytest.raises(ValueError, match="preconditioner whose apply torch.autograd can differentiate"):
+        estimate_log_volume_reference(cost, torch.zeros(n, dtype=DT), preconditioner=NumpyDiagonal(n),
+                                      moves="langevin", **kw)
+
+
+def test_langevin_passes_out_of_memory_through():
+    # the backward pass needs more memory than the searches: an OOM there is an OOM, not "a cost
+    # autograd cannot differentiate"
+    n = 8
+    quadratic = QuadraticCost(torch.eye(n, dtype=DT), torch.zeros(n, dtype=DT))
+
+    def cost(theta):
+        if theta.requires_grad:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return quadratic(theta)
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        estimate_log_volume_reference(cost, torch.zeros(n, dtype=DT), cutoff=0.5, prior=LebesguePrior(),
+                                      n_particles=16, n_runs=4, n_moves=1, n_pilots=0, moves="langevin",
+                                      progress=False)
