@@ -67,7 +67,8 @@ from ._reduce import row_dot64, row_dots64
 from ._progress import cost_probe, fingerprint
 from .directions import sample_directions
 from .estimator import LN10, VolumeRun, _check_count, default_batch_size
-from .priors import LebesguePrior
+from .priors import GaussianPrior, LebesguePrior
+from .ray_integral import log_gaussian_ray_integral
 
 __all__ = ["ReferenceEstimate", "ReferenceRun", "estimate_log_volume_reference", "default_reference_rtol"]
 
@@ -639,8 +640,6 @@ class _Sampler:
         these through d̂(u) and the preconditioner. A ray that never reaches the cutoff (r = ∞,
         Gaussian prior) has ∂L/∂r = 0. The gradient's radial part does not matter (log w is
         homogeneous of degree 0 in u)."""
-        from .priors import GaussianPrior
-        from .ray_integral import log_gaussian_ray_integral
         base = self.base
         n = self.n
         out = []
@@ -846,7 +845,6 @@ def _log_term_sensitivity(base, v_hat, radius, h):
     N for the Lebesgue measure; from the Gaussian ray integral otherwise."""
     if isinstance(base.prior, LebesguePrior):
         return np.full(len(radius), float(base.n))
-    from .ray_integral import log_gaussian_ray_integral
     a, b = base.prior.ray_coefficients(base.anchor, v_hat)
     lo = log_gaussian_ray_integral(a, b, base.n, radius)
     hi = log_gaussian_ray_integral(a, b, base.n, radius * (1 + h))
